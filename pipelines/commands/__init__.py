@@ -1,0 +1,1 @@
+"""One module per `edtalk` subcommand (see pipelines/cli.py COMMANDS)."""
