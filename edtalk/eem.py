@@ -1,0 +1,63 @@
+"""EEM, the Emotion Enhancement Module (Eq. 8): per-scale AdaIN residual blocks on the identity features f^id,
+conditioned on the expression feature f^{r->e}.
+
+Each block is a full residual block, out = f^id + AdaIN2(conv2(act(AdaIN1(conv1(f^id), e))), e): both AdaIN-
+modulated convolutions and the identity path reach the output (the reference computes the first branch and then
+overwrites it, so its conv1/AdaIN1 never act).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edtalk.ops import LRELU_SLOPE, EqualConv2d, EqualLinear
+
+
+class AdaIN(nn.Module):
+    """Instance norm, then a scale (1 + f_s) and shift f_b predicted from the condition."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.shared = EqualLinear(cond_dim, hidden, activate=True)
+        self.gamma = EqualLinear(hidden, channels)
+        self.beta = EqualLinear(hidden, channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.shared(cond)
+        gamma = self.gamma(h)[:, :, None, None].to(x.dtype)
+        beta = self.beta(h)[:, :, None, None].to(x.dtype)
+        return F.instance_norm(x) * (1.0 + gamma) + beta
+
+
+class EEMBlock(nn.Module):
+    """One scale of the EEM: conv -> AdaIN -> leaky ReLU -> conv -> AdaIN, added to the input."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.conv1 = EqualConv2d(channels, channels, 3, padding=1)
+        self.norm1 = AdaIN(channels, cond_dim, hidden)
+        self.conv2 = EqualConv2d(channels, channels, 3, padding=1)
+        self.norm2 = AdaIN(channels, cond_dim, hidden)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != cond.shape[0]:
+            x = x.expand(cond.shape[0], -1, -1, -1)  # one identity, many frames
+        h = F.leaky_relu(self.norm1(self.conv1(x), cond), LRELU_SLOPE)
+        return x + self.norm2(self.conv2(h), cond)
+
+
+class EEM(nn.Module):
+    """Identity features [8..S] + f^{r->e} (B,D) -> emotion-conditioned identity features f^id_e, same shapes."""
+
+    def __init__(self, channels: Sequence[int], cond_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(EEMBlock(c, cond_dim, hidden) for c in channels)
+
+    def forward(self, features: Sequence[torch.Tensor], expression: torch.Tensor) -> list[torch.Tensor]:
+        if len(features) != len(self.blocks):
+            raise ValueError(f"EEM: got {len(features)} feature maps, expected {len(self.blocks)}")
+        return [block(f, expression) for block, f in zip(self.blocks, features, strict=True)]
