@@ -19,12 +19,13 @@ from edtalk.navigation import SPACES
 PAPER_CHANNELS: tuple[int, ...] = (512, 512, 512, 512, 256, 128, 64)
 TINY_CHANNELS: tuple[int, ...] = (64, 64, 64, 32, 16)
 
-# The audio colleague's sub-configs: (field, module, class). Each class offers tiny() and paper().
+# The audio-to-motion sub-configs: (field, module, class). Each class offers tiny() and paper() (the flows take
+# the size of the bank they model) and from_dict().
 AUDIO_CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("audio_to_mouth", "edtalk.audio_encoder", "AudioToMouthConfig"),
     ("syncnet", "edtalk.syncnet", "SyncNetConfig"),
-    ("pose_flow", "edtalk.flow", "FlowConfig"),
-    ("eye_flow", "edtalk.flow", "FlowConfig"),
+    ("pose_flow", "edtalk.flow", "ConditionalFlowConfig"),
+    ("eye_flow", "edtalk.flow", "ConditionalFlowConfig"),
     ("expression_predictor", "edtalk.expression_predictor", "ExpressionPredictorConfig"),
 )
 
@@ -121,8 +122,8 @@ class ModelConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)  # D
     audio_to_mouth: Any = None  # AudioToMouthConfig (E_a + mouth head); None: not built
     syncnet: Any = None  # SyncNetConfig (lip-sync expert); None: not built
-    pose_flow: Any = None  # FlowConfig of the audio-to-pose flow; None: not built
-    eye_flow: Any = None  # FlowConfig of the audio-to-eye flow; None: not built
+    pose_flow: Any = None  # ConditionalFlowConfig of the audio-to-pose flow; None: not built
+    eye_flow: Any = None  # ConditionalFlowConfig of the audio-to-eye flow; None: not built
     expression_predictor: Any = None  # ExpressionPredictorConfig (HuBERT + RoBERTa + MLP); None: disabled
 
     def __post_init__(self) -> None:
@@ -139,7 +140,7 @@ class ModelConfig:
         for name, module, cls in AUDIO_CONFIGS:
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, _build_dataclass(_audio_class(module, cls), value, f"model.{name}"))
+                setattr(self, name, _audio_from_dict(_audio_class(module, cls), value, f"model.{name}"))
         s = int(self.image_size)
         if s < 8 or s & (s - 1):
             raise ValueError(f"model.image_size must be a power of two >= 8, got {self.image_size}")
@@ -150,12 +151,38 @@ class ModelConfig:
                 f"model.channels must list {levels} positive widths (4x4 .. {s}x{s}) for image_size {s}, "
                 f"got {self.channels}"
             )
+        self._check_audio_sizes()
         total = sum(self.navigation.num_bases().values())
         if total > self.latent_dim or self.navigation.lia_bases > self.latent_dim:
             raise ValueError(
                 f"model.latent_dim={self.latent_dim} is too small: the banks need {total} orthogonal bases "
                 f"(LIA: {self.navigation.lia_bases}); raise latent_dim or lower the bank sizes"
             )
+
+    def _check_audio_sizes(self) -> None:
+        """The audio-to-motion outputs must match the banks they drive."""
+        nav = self.navigation
+        pairs = [
+            ("audio_to_mouth", "n_mouth", nav.mouth, "navigation.mouth"),
+            ("pose_flow", "dim", nav.pose, "navigation.pose"),
+            ("eye_flow", "dim", nav.eye, "navigation.eye"),
+            ("expression_predictor", "n_expression", nav.expression, "navigation.expression"),
+        ]
+        for fname, attr, want, where in pairs:
+            sub = getattr(self, fname)
+            if sub is not None and hasattr(sub, attr) and int(getattr(sub, attr)) != want:
+                raise ValueError(
+                    f"model.{fname}.{attr}={getattr(sub, attr)} must equal {where}={want} (the bank it drives)"
+                )
+        if self.audio_to_mouth is not None:
+            feat = self.audio_to_mouth.encoder.feature_dim
+            for fname in ("pose_flow", "eye_flow"):
+                sub = getattr(self, fname)
+                if sub is not None and sub.cond_dim != feat:
+                    raise ValueError(
+                        f"model.{fname}.cond_dim={sub.cond_dim} must equal the audio feature size "
+                        f"model.audio_to_mouth.encoder.feature_dim={feat}"
+                    )
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
@@ -166,10 +193,17 @@ class ModelConfig:
             cfg = cls(image_size=64, latent_dim=64, channels=TINY_CHANNELS)
         else:
             raise ValueError(f"unknown model preset {name!r}; choose 'paper' or 'tiny'")
+        bank_dims = {"pose_flow": cfg.navigation.pose, "eye_flow": cfg.navigation.eye}
         for fname, module, clsname in AUDIO_CONFIGS:
             audio_cls = _audio_class(module, clsname, required=False)
             if audio_cls is not None:
-                setattr(cfg, fname, getattr(audio_cls, name)())
+                make = getattr(audio_cls, name)
+                setattr(cfg, fname, make(bank_dims[fname]) if fname in bank_dims else make())
+        if cfg.pose_flow is not None and cfg.audio_to_mouth is not None:
+            # The flows are conditioned on E_a's features f^a.
+            feat = cfg.audio_to_mouth.encoder.feature_dim
+            cfg.pose_flow.cond_dim = cfg.eye_flow.cond_dim = feat
+        cfg.__post_init__()
         return cfg
 
     @classmethod
@@ -214,6 +248,16 @@ def _audio_class(module: str, name: str, required: bool = True) -> type | None:
         return None
 
 
+def _audio_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """The sub-config's own from_dict when it has one (it knows its nesting), else the generic rebuild."""
+    if hasattr(cls, "from_dict"):
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: invalid {cls.__name__}: {exc}") from exc
+    return _build_dataclass(cls, data, where)
+
+
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -239,7 +283,7 @@ def _build_dataclass(cls: type, data: Any, where: str) -> Any:
     if cls is ModelConfig:
         for fname, module, clsname in AUDIO_CONFIGS:
             if isinstance(kwargs.get(fname), dict):
-                kwargs[fname] = _build_dataclass(
+                kwargs[fname] = _audio_from_dict(
                     _audio_class(module, clsname), kwargs[fname], f"{where}.{fname}"
                 )
     try:

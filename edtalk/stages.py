@@ -80,15 +80,15 @@ _STAGE_LIST = (
     Stage(
         "audio_pose",
         ("pose_flow",),
-        ("encoder", "navigation"),
+        ("encoder", "navigation", "audio_to_mouth"),
         False,
         SPACES,
-        "the conditional flow audio -> pose weights (likelihood, reconstruction, temporal; Eq. 13-14)",
+        "the conditional flow audio features f^a (frozen E_a) -> pose weights (Eq. 13-14)",
     ),
     Stage(
         "audio_eye",
         ("eye_flow",),
-        ("encoder", "navigation"),
+        ("encoder", "navigation", "audio_to_mouth"),
         False,
         SPACES,
         "the conditional flow audio -> eye weights, so audio-driven videos blink",
