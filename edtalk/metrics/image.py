@@ -1,0 +1,132 @@
+"""Image-quality metrics on frames: PSNR and SSIM (Wang, Bovik, Sheikh & Simoncelli 2004), batched over video frames.
+
+Inputs are numpy arrays or torch tensors, uint8 or float, of one image or a batch of frames:
+  (H, W) grey, (H, W, C) or (N, H, W, C) with channel_axis=-1 (the default, decoded video), or (N, C, H, W) with
+  channel_axis=1 (model tensors). With channel_axis=None, (H, W) is one grey image and (N, H, W) a batch of them.
+data_range is the range of possible values: 255 for uint8 (the default there); float input must state it (1.0 for
+[0, 1], the pair (-1, 1) for the model's tensors) because it cannot be guessed safely. A (low, high) pair shifts the
+values to start at 0 first: SSIM's luminance term depends on the absolute level, not only on differences.
+
+SSIM follows the paper: an 11x11 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03, population (not sample)
+statistics, computed per channel on the "valid" region where the window fits entirely, then averaged over pixels
+and channels. The paper's reference code also downsamples large images first; like scikit-image we do not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SSIM_SIGMA = 1.5  # Gaussian window width in pixels (Wang et al. 2004)
+SSIM_RADIUS = 5  # window half-size: 11 taps, the truncation scikit-image also uses for sigma 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def _as_nchw(x, channel_axis: int | None) -> tuple[torch.Tensor, bool]:
+    """-> (float64 tensor [N, C, H, W], whether the input was a single image)."""
+    t = (
+        torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        .detach()
+        .to("cpu", torch.float64)
+    )
+    if channel_axis is None:
+        if t.dim() == 2:
+            return t[None, None], True
+        if t.dim() == 3:
+            return t[:, None], False
+        raise ValueError(f"grey images (channel_axis=None) must be (H, W) or (N, H, W), got {tuple(t.shape)}")
+    if t.dim() == 2:
+        return t[None, None], True
+    single = t.dim() == 3
+    if single:
+        t = t[None]
+        axis = channel_axis if channel_axis < 0 else channel_axis + 1
+    else:
+        axis = channel_axis
+    if t.dim() != 4:
+        raise ValueError(f"expected an image (H, W[, C]) or a batch of frames (4 dims), got {tuple(t.shape)}")
+    t = torch.movedim(t, axis, 1)
+    return t, single
+
+
+def _prepare(a, b, data_range, channel_axis: int | None) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    """-> (x, y shifted so the range starts at 0, the range's span, single image?)."""
+    dtype_a = a.dtype if isinstance(a, (np.ndarray, torch.Tensor)) else np.asarray(a).dtype
+    x, single = _as_nchw(a, channel_axis)
+    y, _ = _as_nchw(b, channel_axis)
+    if x.shape != y.shape:
+        raise ValueError(f"images differ in shape: {tuple(x.shape)} vs {tuple(y.shape)} (as N, C, H, W)")
+    if data_range is None:
+        if dtype_a not in (np.uint8, torch.uint8):
+            raise ValueError(
+                f"data_range is required for {dtype_a} images: 1.0 for [0, 1], (-1, 1) for [-1, 1], 255 for 0-255"
+            )
+        data_range = 255.0
+    lo, hi = (
+        (0.0, float(data_range)) if np.isscalar(data_range) else (float(data_range[0]), float(data_range[1]))
+    )
+    if hi <= lo:
+        raise ValueError(f"data_range must be a positive span or a (low, high) pair, got {data_range}")
+    if lo == 0.0 and min(float(x.min()), float(y.min())) < 0:
+        # SSIM's luminance term is not shift-invariant: [-1, 1] data must say where its range starts.
+        raise ValueError("images have negative values: pass data_range as (low, high), e.g. (-1, 1)")
+    return x - lo, y - lo, hi - lo, single
+
+
+def psnr(a, b, data_range=None, channel_axis: int | None = -1) -> float | np.ndarray:
+    """Peak signal-to-noise ratio in dB, 10 log10(L^2 / MSE), per image; inf where the images are identical.
+
+    Returns a float for one image, an (N,) array for a batch of frames (average it yourself: the mean of per-frame
+    PSNR is the usual video convention).
+    """
+    x, y, rng, single = _prepare(a, b, data_range, channel_axis)
+    mse = ((x - y) ** 2).flatten(1).mean(dim=1)
+    with np.errstate(divide="ignore"):
+        out = 10.0 * np.log10(rng**2 / mse.numpy())
+    return float(out[0]) if single else out
+
+
+def _gaussian_window() -> torch.Tensor:
+    r = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
+    g = torch.exp(-(r**2) / (2 * SSIM_SIGMA**2))
+    return g / g.sum()
+
+
+def _blur_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter of [M, 1, H, W] without padding: only where the whole window fits."""
+    x = F.conv2d(x, g.view(1, 1, 1, -1))
+    return F.conv2d(x, g.view(1, 1, -1, 1))
+
+
+def ssim_map(a, b, data_range=None, channel_axis: int | None = -1) -> torch.Tensor:
+    """Per-pixel SSIM, [N, C, H - 10, W - 10] float64."""
+    x, y, rng, _ = _prepare(a, b, data_range, channel_axis)
+    n, c, h, w = x.shape
+    if min(h, w) < 2 * SSIM_RADIUS + 1:
+        raise ValueError(
+            f"SSIM needs images of at least {2 * SSIM_RADIUS + 1}x{2 * SSIM_RADIUS + 1}, got {h}x{w}"
+        )
+    g = _gaussian_window()
+    x = x.reshape(n * c, 1, h, w)
+    y = y.reshape(n * c, 1, h, w)
+    # One pass over the five moments: E[x], E[y], E[x^2], E[y^2], E[xy] under the window.
+    stats = _blur_valid(torch.cat([x, y, x * x, y * y, x * y]), g).split(n * c)
+    mu_x, mu_y, xx, yy, xy = stats
+    var_x = xx - mu_x**2
+    var_y = yy - mu_y**2
+    cov = xy - mu_x * mu_y
+    c1 = (SSIM_K1 * rng) ** 2
+    c2 = (SSIM_K2 * rng) ** 2
+    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    out = num / den
+    return out.reshape(n, c, *out.shape[-2:])
+
+
+def ssim(a, b, data_range=None, channel_axis: int | None = -1) -> float | np.ndarray:
+    """Mean SSIM per image (Gaussian window, as in Wang et al. 2004): a float for one image, (N,) for frames."""
+    x_single = _as_nchw(a, channel_axis)[1]
+    values = ssim_map(a, b, data_range, channel_axis).flatten(1).mean(dim=1).numpy()
+    return float(values[0]) if x_single else values
