@@ -25,6 +25,7 @@ FA_WEIGHTS = ("s3fd-619a316812.pth", "2DFAN4-11f355bf06.pth.tar")
 MULTI_FACE_SIDE = 0.5
 # between full detections the face is re-detected in a window ROI_SPAN x its box, scaled so the face is ROI_FACE px
 ROI_SPAN = 1.8
+CNN_MAX_SIDE = 320  # still images: longest side the CNN fallback detector sees
 ROI_FACE = 100.0
 
 
@@ -106,6 +107,7 @@ class DlibBackend:
         self.rect = dlib.rectangle
         self.detect_every = detect_every
         self.detect_max_side = detect_max_side
+        self._cnn = None
 
     def detect(self, gray: np.ndarray) -> list[np.ndarray]:
         """Face boxes (x0, y0, x1, y1 in full-frame pixels), largest first. Downscaled first; full size on a miss."""
@@ -141,9 +143,23 @@ class DlibBackend:
         side0 = boxes[0][2] - boxes[0][0]
         return sum(1 for b in boxes if (b[2] - b[0]) >= MULTI_FACE_SIDE * side0)
 
+    def detect_cnn(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """dlib's MMOD CNN detector (slow on CPU, ~1 s, but finds faces HOG misses): the still-image fallback."""
+        if self._cnn is None:
+            import dlib
+
+            self._cnn = dlib.cnn_face_detection_model_v1(
+                str(dlib_model_dir() / "mmod_human_face_detector.dat")
+            )
+        scale = min(1.0, CNN_MAX_SIDE / max(rgb.shape[:2]))
+        small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+        found = [d.rect for d in self._cnn(np.ascontiguousarray(small), 0)]
+        boxes = [np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32) / scale for r in found]
+        return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+
     def faces_in_image(self, rgb: np.ndarray) -> list[Face]:
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        boxes = self.detect(gray)
+        boxes = self.detect(gray) or self.detect_cnn(rgb)
         boxes = boxes[: self.count_faces(boxes)]
         return [Face(self.shape(gray, b), b) for b in boxes]
 
