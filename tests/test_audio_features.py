@@ -119,6 +119,17 @@ def test_music_and_silence_score_low(media_waves):
     assert speech_ratio(silence) == 0.0
 
 
+def test_five_second_segments_keep_their_side_of_the_threshold(media_waves):
+    """Preprocessing judges <= 5 s segments; every segment of speech and of music stays on its side."""
+    seg = 5 * SAMPLE_RATE
+    for name, wave in media_waves.items():
+        ratios = [speech_ratio(wave[i : i + seg]) for i in range(0, len(wave) - SAMPLE_RATE, seg)]
+        if name in SPEECH_CLIPS:
+            assert min(ratios) > SPEECH_MIN_RATIO + 0.1, (name, ratios)
+        else:
+            assert max(ratios) < SPEECH_MIN_RATIO - 0.15, (name, ratios)
+
+
 def test_stationary_noise_and_empty_input_are_not_speech():
     rng = np.random.default_rng(3)
     assert speech_ratio(rng.standard_normal(5 * SAMPLE_RATE).astype(np.float32) * 0.2) < 0.05
