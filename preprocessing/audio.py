@@ -59,6 +59,8 @@ class AudioError(ValueError):
 def _read_source(src: Any) -> tuple[str, bytes | None, str | None]:
     """-> (name for messages, bytes or None, local path or None). Remote URIs are read through pyarrow."""
     if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise AudioError("<bytes input>: empty (0 bytes); pass the file's content")
         return "<bytes input>", bytes(src), None
     if not isinstance(src, (str, os.PathLike)):
         raise AudioError(
@@ -73,11 +75,10 @@ def _read_source(src: Any) -> tuple[str, bytes | None, str | None]:
                 f"{name}: cannot read ({exc}); check the URI and the storage credentials"
             ) from exc
     local = storage.local_path_or_none(name)
-    assert local is not None
-    p = local
-    if not p.is_file():
+    assert local is not None  # not remote, so a local path
+    if not local.is_file():
         raise AudioError(f"{name}: file not found; check the path")
-    if p.stat().st_size == 0:
+    if local.stat().st_size == 0:
         raise AudioError(f"{name}: empty file (0 bytes); re-export or re-download it")
     return name, None, str(local)
 

@@ -103,6 +103,8 @@ def test_empty_file(tmp_path):
     with pytest.raises(AudioError, match="empty") as err:
         load_audio(path)
     assert str(path) in str(err.value)
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(b"")
 
 
 @pytest.mark.parametrize(
