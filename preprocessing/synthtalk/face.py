@@ -135,7 +135,7 @@ def draw_head(
     # Cheek shadow under the cheekbones, following the head.
     for a, b in ((2, 48), (14, 54)):
         c = 0.55 * p[a] + 0.45 * p[b]
-        cv2.circle(img, _fx(c), int(scale * 0.16 * ONE), _shade(skin, 0.975), -1, AA, SHIFT)
+        cv2.circle(img, _fx(c), int(scale * 0.16 * ONE), _shade(skin, 0.985), -1, AA, SHIFT)
 
     # Brows.
     for brow, top in ((BROW_L, BROW_TOP[:5]), (BROW_R, BROW_TOP[5:])):

@@ -17,6 +17,7 @@ _HAIR = np.array(
 )
 _EYES = np.array([[90, 55, 30], [60, 100, 160], [70, 120, 80], [120, 95, 50], [100, 110, 120], [40, 30, 25]])
 HAIR_STYLES: tuple[str, ...] = ("short", "long", "bob", "curly", "bald")
+_HAIR_STYLE_P = (0.3, 0.25, 0.2, 0.15, 0.1)
 BACKGROUNDS: tuple[str, ...] = ("gradient", "stripes", "dots", "checker", "blobs")
 
 
@@ -88,7 +89,7 @@ def sample_identity(seed: int, index: int) -> Identity:
         skin=_rgb(skin),
         lips=_rgb(lip_color(skin, rng)),
         hair=_rgb(hair),
-        hair_style=HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
+        hair_style=str(rng.choice(HAIR_STYLES, p=_HAIR_STYLE_P)),
         eyes=_rgb(eyes),
         background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
         bg_colors=(_rgb(bg1), _rgb(bg2)),

@@ -41,7 +41,8 @@ def write_mp4(
         audio.layout = "mono"
         audio.bit_rate = 64000
         audio.thread_count = 1
-        audio.options = {"aac_coder": "fast"}  # the default two-loop search costs more than drawing the frames
+        # The default two-loop AAC search costs more than drawing the frames.
+        audio.options = {"aac_coder": "fast"}
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = i
