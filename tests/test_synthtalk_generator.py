@@ -218,7 +218,17 @@ def test_preview_and_cli(synth_set, tmp_path):
     runner = CliRunner()
     params = str(REPO / "params.yaml")
     out = tmp_path / "cli"
-    args = ["synth", "--out", str(out), "--identities", "1", "--clips-per-identity", "1", "--seconds", "1"]
+    args = [
+        "synth",
+        "--out",
+        f"file://{out}",
+        "--identities",
+        "1",
+        "--clips-per-identity",
+        "1",
+        "--seconds",
+        "1",
+    ]
     result = runner.invoke(cli, [*args, "--params", params, "--preview"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
@@ -226,3 +236,13 @@ def test_preview_and_cli(synth_set, tmp_path):
     ]  # fmt: skip
     bad = runner.invoke(cli, [*args, "--params", params, "--set", "synth.size=63"])
     assert bad.exit_code != 0 and "size" in bad.output
+
+
+@pytest.mark.services
+def test_synth_writes_to_object_storage(s3_env):
+    bucket = s3_env.create_bucket("synthtalk")
+    paths = generate(f"s3://{bucket}/set", identities=1, clips_per_identity=1, seconds=1.0, size=64, seed=0)
+    assert paths == [f"s3://{bucket}/set/synth000_c000.mp4"]
+    assert [k for k in s3_env.keys(bucket) if not k.endswith("/")] == [
+        "set/_synthtalk.json", "set/synth000_c000.json", "set/synth000_c000.mp4", "set/synth000_c000.txt",
+    ]  # fmt: skip

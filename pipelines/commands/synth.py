@@ -41,7 +41,6 @@ def synth(
     """
     from preprocessing.params import ParamsError, load_section
     from preprocessing.synthtalk import SynthConfig, SynthConfigError, generate_set
-    from preprocessing.synthtalk import preview as make_preview
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = {
@@ -64,4 +63,4 @@ def synth(
         f"wrote {len(paths)} clips ({cfg.identities} identities x {cfg.clips_per_identity}) to {out_dir}"
     )
     if cfg.preview:
-        click.echo(f"preview: {make_preview(out_dir)}")
+        click.echo(f"preview: {out_dir.rstrip('/')}/preview.png")

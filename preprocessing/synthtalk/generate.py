@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -13,10 +14,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from preprocessing.synthtalk.audio import synthesize
+from preprocessing import storage
+from preprocessing.synthtalk.audio import Speech, synthesize
 from preprocessing.synthtalk.config import SynthConfig
 from preprocessing.synthtalk.identity import sample_identity
 from preprocessing.synthtalk.motion import MotionConfig, clip_factors
+from preprocessing.synthtalk.preview import preview
 from preprocessing.synthtalk.render import background, render_frames
 from preprocessing.synthtalk.template import EMOTIONS
 from preprocessing.synthtalk.writer import write_mp4, write_sidecars
@@ -46,7 +49,7 @@ def clip_name(identity: int, clip: int) -> str:
     return f"synth{identity:03d}_c{clip:03d}"
 
 
-def clip_plan(cfg: SynthConfig, identity: int, clip: int) -> tuple[dict[str, np.ndarray], object]:
+def clip_plan(cfg: SynthConfig, identity: int, clip: int) -> tuple[dict[str, np.ndarray], Speech]:
     """The ground truth of one clip without drawing it: (factors per frame, Speech)."""
     ident = sample_identity(cfg.seed, identity)
     emotion = (identity + clip) % len(EMOTIONS)  # balanced, and unrelated to who speaks
@@ -108,9 +111,19 @@ def _write_clip_job(args: tuple[dict, str, int, int]) -> str:
     return str(write_clip(SynthConfig(**cfg_dict), Path(out_dir), identity, clip))
 
 
-def generate_set(cfg: SynthConfig, out_dir: str | Path) -> list[Path]:
-    """Write the whole set into out_dir (created if missing) and an index `_synthtalk.json`; returns the mp4 paths."""
-    out = Path(out_dir)
+def generate_set(cfg: SynthConfig, out_dir: str | Path) -> list[Path | str]:
+    """Write the whole set into out_dir and an index `_synthtalk.json` (+ `preview.png` if cfg.preview).
+
+    out_dir may be a local folder (created if missing), a file:// URI or object storage (s3://, gs://: written
+    locally first, then uploaded). Returns the mp4 paths (URIs for object storage).
+    """
+    local = storage.local_path_or_none(out_dir)
+    if local is None:
+        with tempfile.TemporaryDirectory(prefix="synthtalk-") as tmp:
+            paths = generate_set(cfg, tmp)
+            storage.upload(tmp, out_dir)
+        return [storage.join(out_dir, Path(p).name) for p in paths]
+    out = local
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"synth output {out} exists and is not a directory; pass a folder path")
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +158,8 @@ def generate_set(cfg: SynthConfig, out_dir: str | Path) -> list[Path]:
         ],
     }
     (out / "_synthtalk.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
+    if cfg.preview:
+        preview(out, out / "preview.png")
     return [Path(p) for p in paths]
 
 
@@ -157,7 +172,7 @@ def generate(
     seed: int,
     workers: int = 1,
     **settings,
-) -> list[Path]:
+) -> list[Path | str]:
     """Generate a SynthTalk set; any other SynthConfig field may be passed as a keyword. Returns the mp4 paths."""
     cfg = SynthConfig.from_dict(
         dict(
