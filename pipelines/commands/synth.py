@@ -9,7 +9,10 @@ import click
 
 @click.command()
 @click.option(
-    "--out", "out_dir", required=True, help="Output folder for NAME.mp4 + NAME.txt + NAME.json clips."
+    "--out",
+    "out_dir",
+    required=True,
+    help="Output folder (or s3://, gs://, file:// URI) for NAME.mp4 + .txt + .json clips.",
 )
 @click.option("--identities", type=int, default=None, help="Synthetic speakers [params synth.identities].")
 @click.option(
