@@ -30,6 +30,15 @@ AUDIO_CONFIGS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# (audio sub-config, its output-size field, the bank it drives)
+BANK_DRIVERS: tuple[tuple[str, str, str], ...] = (
+    ("audio_to_mouth", "n_mouth", "mouth"),
+    ("pose_flow", "dim", "pose"),
+    ("eye_flow", "dim", "eye"),
+    ("expression_predictor", "n_expression", "expression"),
+)
+
+
 def _blur_ok(taps: tuple[int, ...], where: str) -> None:
     if len(taps) < 2 or any(t <= 0 for t in taps):
         raise ValueError(f"{where}.blur_kernel must be >= 2 positive taps, got {taps}")
@@ -161,18 +170,13 @@ class ModelConfig:
 
     def _check_audio_sizes(self) -> None:
         """The audio-to-motion outputs must match the banks they drive."""
-        nav = self.navigation
-        pairs = [
-            ("audio_to_mouth", "n_mouth", nav.mouth, "navigation.mouth"),
-            ("pose_flow", "dim", nav.pose, "navigation.pose"),
-            ("eye_flow", "dim", nav.eye, "navigation.eye"),
-            ("expression_predictor", "n_expression", nav.expression, "navigation.expression"),
-        ]
-        for fname, attr, want, where in pairs:
+        for fname, attr, space in BANK_DRIVERS:
             sub = getattr(self, fname)
+            want = int(getattr(self.navigation, space))
             if sub is not None and hasattr(sub, attr) and int(getattr(sub, attr)) != want:
                 raise ValueError(
-                    f"model.{fname}.{attr}={getattr(sub, attr)} must equal {where}={want} (the bank it drives)"
+                    f"model.{fname}.{attr}={getattr(sub, attr)} must equal navigation.{space}={want} "
+                    "(the bank it drives)"
                 )
         if self.audio_to_mouth is not None:
             feat = self.audio_to_mouth.encoder.feature_dim
@@ -212,8 +216,16 @@ class ModelConfig:
         unknown = sorted(set(section) - {"preset", "overrides"})
         if unknown:
             raise ValueError(f"params model: unknown keys {unknown}; valid keys: ['overrides', 'preset']")
-        base = cls.preset(str(section.get("preset", "tiny"))).to_dict()
-        return cls.from_dict(_deep_merge(base, section.get("overrides") or {}, "model.overrides"))
+        overrides = section.get("overrides") or {}
+        merged = _deep_merge(
+            cls.preset(str(section.get("preset", "tiny"))).to_dict(), overrides, "model.overrides"
+        )
+        # A bank resized in navigation resizes the audio-to-motion output that drives it, unless set explicitly.
+        for fname, attr, space in BANK_DRIVERS:
+            sub = merged.get(fname)
+            if isinstance(sub, dict) and attr in sub and attr not in (overrides.get(fname) or {}):
+                sub[attr] = merged["navigation"][space]
+        return cls.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""

@@ -22,6 +22,9 @@ class FlowHead(nn.Module):
     def __init__(self, channels: int, style_dim: int, blur_kernel: Sequence[int] = (1, 3, 3, 1)) -> None:
         super().__init__()
         self.conv = ModulatedConv2d(channels, 3, 1, style_dim, demodulate=False)
+        # Start as the identity warp with a half mask: a random warp of random features is chaotic (float32
+        # rounding grows ~10x per scale through grid_sample), and an untrained warp carries no information anyway.
+        nn.init.zeros_(self.conv.weight)
         self.bias = nn.Parameter(torch.zeros(3))
         self.upsample = Upsample(blur_kernel)
 
