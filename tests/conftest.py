@@ -15,6 +15,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "edtalk-torch-extensions"))
 
+# Loopback service fixtures (S3, PostgreSQL, MLflow server, two-node Ray) for @pytest.mark.services tests.
+pytest_plugins = ["services"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEDIA = REPO_ROOT.parent / "shared" / "media"
 
