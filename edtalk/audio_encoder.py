@@ -83,7 +83,9 @@ def _output_hw(n_mels: int, window: int, n_stages: int) -> tuple[int, int]:
     return h, w
 
 
-class _ResBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """x -> act(x + GN(conv(act(GN(conv(x)))))), width and size kept; shared by E_a and SyncNet's face branch."""
+
     def __init__(self, ch: int, groups: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
@@ -113,7 +115,7 @@ class AudioEncoder(nn.Module):
                 nn.GroupNorm(cfg.norm_groups, ch),
                 nn.LeakyReLU(0.2),
             ]
-            layers += [_ResBlock(ch, cfg.norm_groups) for _ in range(cfg.blocks_per_stage)]
+            layers += [ResidualBlock(ch, cfg.norm_groups) for _ in range(cfg.blocks_per_stage)]
             in_ch = ch
         self.convs = nn.Sequential(*layers)
         h, w = _output_hw(cfg.n_mels, cfg.window, len(cfg.channels))
