@@ -35,7 +35,7 @@ BANK_DRIVERS: tuple[tuple[str, str, str], ...] = (
     ("audio_to_mouth", "n_mouth", "mouth"),
     ("pose_flow", "dim", "pose"),
     ("eye_flow", "dim", "eye"),
-    ("expression_predictor", "n_expression", "expression"),
+    ("expression_predictor", "n_out", "expression"),
 )
 
 

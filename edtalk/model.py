@@ -25,10 +25,12 @@ from edtalk.eem import EEM
 from edtalk.encoder import Encoder
 from edtalk.generator import Generator
 from edtalk.navigation import SPACES, LatentNavigation, LatentNavigationLIA
+from edtalk.ops import count_parameters
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 META_NAME = "meta.json"
+EXPRESSION_COMPONENTS = "expression_predictor"  # sub-folder: the predictor's encoder configs + tokenizer
 FORMAT_VERSION = 1
 
 # The audio colleague's networks: (attribute, module, class); each takes its config as the only argument.
@@ -68,7 +70,10 @@ class Identity:
 class EDTalk(nn.Module):
     """The full EDTalk / EDTalk++ model. Build with `EDTalk(ModelConfig.preset("tiny"))`."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, expression_components: str | Path | None = None) -> None:
+        """`expression_components`: a folder from ExpressionPredictor.save_components; the predictor is then
+        rebuilt from it (architecture only) instead of from its configured checkpoints (what from_pretrained does).
+        """
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(
@@ -87,7 +92,14 @@ class EDTalk(nn.Module):
         )
         for attr, module, cls in AUDIO_MODULES:
             sub = getattr(c, attr)
-            setattr(self, attr, None if sub is None else getattr(importlib.import_module(module), cls)(sub))
+            net_cls = None if sub is None else getattr(importlib.import_module(module), cls)
+            if net_cls is None:
+                net = None
+            elif attr == "expression_predictor" and expression_components is not None:
+                net = net_cls.load_components(expression_components, sub)
+            else:
+                net = net_cls(sub)
+            setattr(self, attr, net)
         # Spaces summed into f^{r->d} when a render call does not name them; stages narrow this (stages.py).
         self.active_spaces: tuple[str, ...] = SPACES
         # Per-emotion mean expression weights, filled by training (saved in meta.json).
@@ -195,6 +207,35 @@ class EDTalk(nn.Module):
         """max |QᵀQ - I| over the four banks (the metric of the design)."""
         return self.navigation.orthogonality_error()
 
+    def fixed_parameter_names(self) -> list[str]:
+        """Parameters no stage trains, by this config: HuBERT's CNN feature encoder when
+        `freeze_feature_encoder`, and the expression predictor's mask vectors when they are fixed zeros.
+        """
+        ep = self.expression_predictor
+        if ep is None:
+            return []
+        names = []
+        if ep.config.freeze_feature_encoder:
+            prefix = "expression_predictor.speech_encoder.feature_extractor."
+            names += [prefix + n for n, _ in ep.speech_encoder.feature_extractor.named_parameters()]
+        if ep.config.mask_embedding != "learned":
+            names += ["expression_predictor.speech_mask", "expression_predictor.text_mask"]
+        return names
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per network, and the groupings the reference reports.
+
+        generator_with_eem = E + G + navigation + EEM (what inference needs; reference 64.2M);
+        decoder_with_eem = G + EEM (reference 39.9M).
+        """
+        names = ["encoder", "generator", "navigation", "eem", "lia", "discriminator"]
+        names += [attr for attr, _, _ in AUDIO_MODULES]
+        counts = {n: count_parameters(getattr(self, n)) for n in names}
+        counts["decoder_with_eem"] = counts["generator"] + counts["eem"]
+        counts["generator_with_eem"] = counts["encoder"] + counts["navigation"] + counts["decoder_with_eem"]
+        counts["total"] = count_parameters(self)
+        return counts
+
     # ---- persistence ----------------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         return {
@@ -205,12 +246,15 @@ class EDTalk(nn.Module):
         }
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write model.safetensors, config.json and meta.json into folder `path` (created)."""
+        """Write model.safetensors, config.json, meta.json (and expression_predictor/) into folder `path`."""
         from safetensors.torch import save_model
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.expression_predictor is not None:
+            # Encoder configs + tokenizer (JSON), so loading needs no HuBERT/RoBERTa checkpoint.
+            self.expression_predictor.save_components(folder / EXPRESSION_COMPONENTS)
         (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         (folder / META_NAME).write_text(json.dumps(self.meta(), indent=2) + "\n")
         return folder
@@ -231,7 +275,8 @@ class EDTalk(nn.Module):
             config = ModelConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"EDTalk.from_pretrained: invalid {folder / CONFIG_NAME}: {exc}") from exc
-        model = cls(config)
+        components = folder / EXPRESSION_COMPONENTS
+        model = cls(config, expression_components=components if components.is_dir() else None)
         try:
             load_model(model, str(folder / WEIGHTS_NAME), strict=True, device=str(device))
         except RuntimeError as exc:

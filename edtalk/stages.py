@@ -2,7 +2,8 @@
 
 Names are submodule paths of `EDTalk` (e.g. "navigation.mouth" = MLN's head and bank). `apply_stage` sets
 requires_grad accordingly and returns the trainable parameters; everything not trainable is frozen, and a name in
-`frozen` overrides a `trainable` parent (the HuBERT CNN inside the expression predictor).
+`frozen` overrides a `trainable` parent, and so do the parameters the model's config fixes for good
+(`EDTalk.fixed_parameter_names`: the HuBERT CNN feature encoder inside the expression predictor, paper: frozen).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ _STAGE_LIST = (
     Stage(
         "audio_expression",
         ("expression_predictor",),
-        ("encoder", "navigation", "expression_predictor.speech_encoder.feature_extractor"),
+        ("encoder", "navigation"),
         False,
         SPACES,
         "HuBERT + RoBERTa + MLP -> expression weights with modality masking (Eq. 15); HuBERT CNN frozen",
@@ -128,8 +129,9 @@ def _submodule(model: nn.Module, name: str, stage: str) -> nn.Module | None:
 def apply_stage(model: nn.Module, stage: str | Stage) -> list[nn.Parameter]:
     """Freeze everything, unfreeze the stage's trainable modules, re-freeze its nested frozen ones.
 
-    Also sets `model.active_spaces` to the stage's spaces when it has any. Returns the trainable parameters (in
-    module order, no duplicates). A trainable module that is not built (config None) is an error.
+    Parameters in `model.fixed_parameter_names()` stay frozen. Also sets `model.active_spaces` to the stage's
+    spaces when it has any. Returns the trainable parameters (in module order, no duplicates). A trainable module
+    that is not built (config None) is an error.
     """
     st = get_stage(stage)
     for p in model.parameters():
@@ -146,6 +148,12 @@ def apply_stage(model: nn.Module, stage: str | Stage) -> list[nn.Parameter]:
         mod = _submodule(model, name, st.name)
         if mod is not None:
             for p in mod.parameters():
+                p.requires_grad_(False)
+    fixed = getattr(model, "fixed_parameter_names", None)
+    if callable(fixed):  # parameters the model's config keeps fixed in every stage (e.g. HuBERT's CNN)
+        names = set(fixed())
+        for n, p in model.named_parameters():
+            if n in names:
                 p.requires_grad_(False)
     if st.spaces and hasattr(model, "active_spaces"):
         model.active_spaces = st.spaces

@@ -28,7 +28,10 @@ def test_round_trip_equal_outputs_without_unpickling(
     model: EDTalk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "meta.json", "model.safetensors"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["config.json", "expression_predictor", "meta.json", "model.safetensors"]
+    # The predictor's encoder configs and tokenizer travel as JSON: loading needs no HuBERT/RoBERTa checkpoint.
+    assert (folder / "expression_predictor" / "speech_encoder" / "config.json").is_file()
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["emotion_means"] == {"happy": [0.5] * 10}
 
