@@ -1,0 +1,279 @@
+"""Training data: Parquet tables of `edtalk preprocess` -> Ray Datasets of training samples.
+
+Every sample builder is a Ray Data transform seeded by (seed, segment id), so the same seed gives the same samples
+in the same order (the runner turns on `preserve_order`), which makes restarts reproduce an uninterrupted run.
+Samples hold images as HxWx3 uint8 and masks as HxW uint8; the runner turns them into [-1, 1] / [0, 1] tensors.
+A row that cannot be decoded is logged with its id and skipped (one bad row must not abort the dataset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from preprocessing import storage
+from preprocessing.schema import SAMPLES_PER_FRAME, decode_jpeg, decode_pair, f32_array
+
+log = logging.getLogger(__name__)
+
+UDF_CPUS = 0.25  # fractional, so transforms never starve the read tasks on a 2-core machine
+
+RowFn = Callable[[dict], list[dict]]  # one table row -> the training samples built from it
+
+
+class DataError(ValueError):
+    """Training data that cannot be used (missing tables, no rows for a stage)."""
+
+
+def stable_hash(text: str) -> int:
+    """A 32-bit hash of a string that is the same in every process (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.md5(text.encode()).digest()[:4], "little")
+
+
+def rng_for(seed: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), stable_hash(key)])
+
+
+# ------------------------------------------------------------------------------------------------ tables, split
+
+
+def table_files(data_dir: str, table: str) -> list[str]:
+    """The Parquet files of one table; a clear error when the preprocess output is missing."""
+    uri = storage.join(data_dir, table)
+    files = storage.list_files(uri, suffix=".parquet") if storage.exists(uri) else []
+    if not files:
+        raise DataError(
+            f"no Parquet files in {uri}: training reads the output of `edtalk preprocess --output {data_dir}` "
+            f"(or set train.data_dir to where it wrote)"
+        )
+    return files
+
+
+def segment_splits(data_dir: str) -> dict[str, str]:
+    """segment_id -> split, reading only those two columns (cheap even for large tables)."""
+    out: dict[str, str] = {}
+    for uri in table_files(data_dir, "segments"):
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs, columns=["segment_id", "split"])
+        out.update(
+            zip(table.column("segment_id").to_pylist(), table.column("split").to_pylist(), strict=True)
+        )
+    if not out:
+        raise DataError(f"{storage.join(data_dir, 'segments')} holds no segments: nothing to train on")
+    return out
+
+
+def train_val_ids(splits: dict[str, str], val_fraction: float) -> tuple[list[str], list[str], str]:
+    """(train ids, val ids, how): the data's own `val` rows, else a deterministic hash split of the rest.
+
+    `test` rows are never trained on. With a single usable segment, validation reuses it (said in `how`).
+    """
+    usable = sorted(s for s, split in splits.items() if split != "test")
+    val = sorted(s for s in usable if splits[s] == "val")
+    if val:
+        return [s for s in usable if splits[s] == "train"], val, "split column"
+    if len(usable) == 0:
+        raise DataError("every segment is in the test split: nothing to train on")
+    if len(usable) == 1:
+        return usable, usable, "single segment (validation reuses the training segment)"
+    scored = sorted(usable, key=lambda s: (stable_hash("val:" + s), s))
+    n_val = max(1, int(round(val_fraction * len(usable))))
+    val = sorted(scored[:n_val])
+    return [s for s in usable if s not in set(val)], val, f"hash split ({n_val} of {len(usable)} segments)"
+
+
+def _mask(table: pa.Table, ids: list[str], row_filter: dict[str, Any]):
+    mask = pc.is_in(table.column("segment_id"), value_set=pa.array(sorted(ids), pa.string()))
+    for column, value in row_filter.items():
+        mask = pc.and_(mask, pc.equal(table.column(column), value))
+    return mask
+
+
+def samples_dataset(data_dir: str, table: str, ids: list[str], row_filter: dict[str, Any], fn: RowFn):
+    """A Ray Dataset of training samples: the rows of `table` for segments `ids` (and `row_filter`), each turned
+    into samples by `fn` in a Ray Data flat_map."""
+    import ray.data
+
+    files = table_files(data_dir, table)
+    fs, _ = storage.resolve(files[0])
+    paths = [storage.resolve(f)[1] for f in files]
+    conditions = dict(row_filter or {})
+
+    def keep(batch: pa.Table) -> pa.Table:
+        return batch.filter(_mask(batch, ids, conditions))
+
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    return ds.map_batches(keep, batch_format="pyarrow", num_cpus=UDF_CPUS).flat_map(fn, num_cpus=UDF_CPUS)
+
+
+def local_samples(
+    data_dir: str, table: str, ids: list[str], row_filter: dict[str, Any], fn: RowFn, limit: int
+) -> list[dict]:
+    """The first `limit` samples the same way, read in this process (validation: small, no Ray job needed)."""
+    out: list[dict] = []
+    for uri in table_files(data_dir, table):
+        fs, path = storage.resolve(uri)
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=16):
+            rows = pa.Table.from_batches([batch])
+            rows = rows.filter(_mask(rows, ids, dict(row_filter or {})))
+            for row in rows.to_pylist():
+                out.extend(fn(row))
+                if len(out) >= limit:
+                    return out[:limit]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- sample builders
+
+
+def _frames(row: dict, indices) -> np.ndarray:
+    return np.stack([decode_jpeg(row["frames"][int(i)]) for i in indices])
+
+
+def _guarded(name: str, key: str, build) -> list[dict]:
+    try:
+        return list(build())
+    except Exception as exc:  # one bad row must not abort the dataset; say which and why
+        log.warning("%s: skipping %s: %s: %s", name, key, type(exc).__name__, exc)
+        return []
+
+
+def frame_pairs(per_segment: int, seed: int) -> RowFn:
+    """Segments -> (source, driving) frame pairs of one segment (autoencoder): `per_segment` pairs each."""
+
+    def build(row: dict) -> list[dict]:
+        def gen() -> Iterator[dict]:
+            t = int(row["num_frames"])
+            if t < 2:
+                return
+            rng = rng_for(seed, row["segment_id"])
+            for _ in range(per_segment):
+                i, j = rng.choice(t, size=2, replace=False)
+                src, drv = _frames(row, (i, j))
+                yield {"source": src, "driving": drv}
+
+        return _guarded("frame_pairs", row["segment_id"], gen)
+
+    return build
+
+
+def swap_pairs() -> RowFn:
+    """Pairs rows -> decoded mouth- or eye-swap samples (mouth_pose, eye): frames a, b, identity, swaps, masks."""
+    keys = ("frame_a", "frame_b", "frame_id", "a_on_b", "b_on_a", "mask_on_b", "mask_on_a")
+
+    def build(row: dict) -> list[dict]:
+        def gen() -> Iterator[dict]:
+            pair = decode_pair(row)
+            yield {k: pair[k] for k in keys}
+
+        return _guarded("swap_pairs", row["pair_id"], gen)
+
+    return build
+
+
+def frame_windows(window: int, per_segment: int, seed: int) -> RowFn:
+    """Segments -> (identity frame, driving frame t, the K frames centred on t) samples (expression stage)."""
+
+    def build(row: dict) -> list[dict]:
+        def gen() -> Iterator[dict]:
+            t = int(row["num_frames"])
+            if t < 2:
+                return
+            rng = rng_for(seed, row["segment_id"])
+            for _ in range(per_segment):
+                i, d = rng.choice(t, size=2, replace=False)
+                idx = np.clip(np.arange(d - window // 2, d - window // 2 + window), 0, t - 1)
+                frames = _frames(row, [i, *idx])
+                yield {"identity": frames[0], "driving": frames[1 + window // 2], "window": frames[1:]}
+
+        return _guarded("frame_windows", row["segment_id"], gen)
+
+    return build
+
+
+def audio_windows(length: int, per_segment: int, seed: int, require_speech: bool = True) -> RowFn:
+    """Segments -> aligned runs of `length` frames with their mel windows and audio (audio stages).
+
+    Yields identity frame, frames (L,S,S,3), mel (L,80,16), audio (L*640,). Segments flagged unusable for audio
+    are skipped (they stay in the visual stages).
+    """
+
+    def build(row: dict) -> list[dict]:
+        def gen() -> Iterator[dict]:
+            t = int(row["num_frames"])
+            if t < length or (require_speech and not row["audio_usable"]):
+                return
+            rng = rng_for(seed, row["segment_id"])
+            mel = f32_array(row["mel"], (t, 80, 16))
+            audio = f32_array(row["audio"], (t * SAMPLES_PER_FRAME,))
+            for _ in range(per_segment):
+                s = int(rng.integers(0, t - length + 1))
+                frames = _frames(row, [int(rng.integers(0, t)), *range(s, s + length)])
+                yield {
+                    "identity": frames[0],
+                    "frames": frames[1:],
+                    "mel": mel[s : s + length],
+                    "audio": audio[s * SAMPLES_PER_FRAME : (s + length) * SAMPLES_PER_FRAME],
+                }
+
+        return _guarded("audio_windows", row["segment_id"], gen)
+
+    return build
+
+
+def sync_pairs(length: int, per_segment: int, seed: int, min_shift: int = 5) -> RowFn:
+    """Segments -> (mouth frames, mel) pairs, half in sync and half shifted by >= min_shift frames (SyncNet)."""
+
+    def build(row: dict) -> list[dict]:
+        def gen() -> Iterator[dict]:
+            t = int(row["num_frames"])
+            if t < length + min_shift + 1 or not row["audio_usable"]:
+                return
+            rng = rng_for(seed, row["segment_id"])
+            mel = f32_array(row["mel"], (t, 80, 16))
+            for k in range(per_segment):
+                s = int(rng.integers(0, t - length + 1))
+                in_sync = k % 2 == 0
+                a = s
+                if not in_sync:
+                    choices = [x for x in range(t - length + 1) if abs(x - s) >= min_shift]
+                    if not choices:
+                        continue
+                    a = int(rng.choice(choices))
+                yield {
+                    "frames": _frames(row, range(s, s + length)),
+                    "mel": mel[a : a + length],
+                    "in_sync": np.float32(in_sync),
+                }
+
+        return _guarded("sync_pairs", row["segment_id"], gen)
+
+    return build
+
+
+# -------------------------------------------------------------------------------------------------- batches
+
+
+def to_model_inputs(batch: dict, device, dtype=None) -> dict:
+    """A torch batch from Ray -> model inputs: uint8 images (...,H,W,3) -> float [-1,1] (...,3,H,W); uint8 masks
+    (B,H,W) -> float [0,1] (B,1,H,W); other tensors move to `device` unchanged."""
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        value = value.to(device)
+        if value.dtype == torch.uint8 and value.dim() >= 4 and value.shape[-1] == 3:
+            value = value.movedim(-1, -3).float() / 127.5 - 1.0
+        elif value.dtype == torch.uint8 and value.dim() == 3:
+            value = value.unsqueeze(1).float() / 255.0
+        out[key] = value
+    return out

@@ -1,0 +1,503 @@
+"""The shared training runner: one Ray Train `TorchTrainer` job per stage run, DeepSpeed engines in every worker.
+
+Driver (`run_stage`): reads params, names the run by a fingerprint of its params and inputs (same name = resume),
+opens or resumes its MLflow run, builds the Ray Datasets, runs the trainer, then writes models/STAGE,
+metrics/STAGE.json and the lineage, and registers the model.
+
+Worker (`worker_loop`): builds the stage's nets from the seed, wraps them in DeepSpeed engines (generator side, and
+D for adversarial stages), restores the last checkpoint if any, and loops: batch -> stage.step -> backward/step,
+with progress lines, MLflow metrics and image grids from rank 0 and a checkpoint every N steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import lineage
+from pipelines.train import checkpoint, data
+from pipelines.train import stages as stage_registry
+from pipelines.train.config import (
+    RunSpec,
+    TrainParams,
+    fingerprint,
+    load_stage_params,
+    load_train_params,
+    semantic_train_params,
+)
+from preprocessing import storage
+from preprocessing.params import load_section
+
+log = logging.getLogger(__name__)
+
+
+# ================================================================================================== worker side
+
+
+def _ds_config(tp: TrainParams) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": tp.batch_size,
+        "gradient_accumulation_steps": tp.grad_accum,
+        "gradient_clipping": tp.grad_clip,
+        "zero_optimization": {"stage": tp.zero_stage},
+        # Master weights and optimizer state stay fp32; bf16 is applied as autocast around forward passes.
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _engine(module, params, lr: float, betas: tuple[float, float], tp: TrainParams):
+    import deepspeed
+    import torch
+
+    # A torch optimizer: DeepSpeed's fused Adam would JIT-compile a C++ op first.
+    optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=_ds_config(tp))
+    return engine
+
+
+def _avg_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def grid_image(columns: dict, max_rows: int = 4) -> np.ndarray:
+    """{name: (B,3,S,S) in [-1,1]} -> one HxWx3 uint8 image: a row per sample, a column per name."""
+    import torch
+
+    cols = []
+    for tensor in columns.values():
+        t = tensor[:max_rows].detach().float().clamp(-1, 1).cpu()
+        cols.append(((t + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    rows = [np.concatenate([c[i] for c in cols], axis=1) for i in range(cols[0].shape[0])]
+    return np.concatenate(rows, axis=0)
+
+
+def worker_loop(config: dict) -> None:
+    """The train loop of one Ray Train worker (every rank runs it)."""
+    import deepspeed
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line per N steps instead
+    config = dict(config)
+    val_samples = config.pop("val_samples", None)
+    spec = RunSpec.from_dict(config)
+    stage = stage_registry.get(spec.stage)
+    tp = TrainParams(**spec.train)
+    sp = stage.params_cls(**spec.stage_params)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tp.torch_threads)
+    device = ray.train.torch.get_device()
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if tp.compute_dtype == "bf16"
+        else contextlib.nullcontext()
+    )
+
+    torch.manual_seed(tp.seed)  # identical initialisation on every rank and every attempt
+    nets = stage.build(spec.model, sp, spec.upstream_dirs)
+    nets.model.to(device)
+    for module in nets.extras.values():
+        module.to(device)
+    if nets.discriminator is not None:
+        nets.discriminator.to(device)
+
+    # Ray Train already made the torch process group (gloo on CPU, nccl on GPU); DeepSpeed adopts it.
+    deepspeed.init_distributed(dist_backend="nccl" if tp.use_gpu else "gloo", auto_mpi_discovery=False)
+    betas = (getattr(sp, "beta1", 0.9), getattr(sp, "beta2", 0.999))
+    engines = {"generator": _engine(nets.model, nets.trainable, sp.lr, betas, tp)}
+    if stage.adversarial:
+        engines["discriminator"] = _engine(
+            nets.discriminator, list(nets.discriminator.parameters()), sp.d_lr, betas, tp
+        )
+    g_engine, d_engine = engines["generator"], engines.get("discriminator")
+
+    state = {"step": 0, "micro": 0, "epoch": 0, "batch_in_epoch": 0, "logs": {}, "samples": 0, "train_s": 0.0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        state.update(checkpoint.restore(ckpt, engines))
+        if rank == 0:
+            print(f"[{stage.name}] resumed from checkpoint at step {state['step']}", flush=True)
+
+    run_id, uri = spec.run_id, spec.tracking_uri
+    train_shard = ray.train.get_dataset_shard("train")
+    # Validation samples were taken once on the driver: every rank scores the same ones (collective under ZeRO-3).
+    val_batches = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in (val_samples or [])]
+    grid_batch = val_batches[0] if val_batches else None
+
+    def inputs(batch):
+        return data.to_model_inputs(batch, device)
+
+    def validate() -> dict[str, float]:
+        out: dict[str, list[float]] = {}
+        nets.model.eval()
+        with torch.no_grad(), autocast:
+            for b in val_batches:
+                for k, v in stage.step(nets, inputs(b), sp).logs.items():
+                    out.setdefault(f"val_{k}", []).append(float(v))
+        nets.model.train()
+        return {k: float(np.mean(v)) for k, v in out.items()}
+
+    def log_grid(step: int) -> None:
+        if grid_batch is None:
+            return
+        nets.model.eval()
+        with torch.no_grad(), autocast:
+            cols = stage.grid(nets, inputs(grid_batch), sp)
+        nets.model.train()
+        if rank == 0 and run_id:
+            lineage.log_image(run_id, grid_image(cols), f"samples/step_{step:06d}.png", uri)
+            lineage.set_tags(run_id, {"samples.columns": " | ".join(cols)}, uri)
+
+    def final_export(folder: Path) -> None:
+        if tp.zero_stage == 3:  # gather the partitioned parameters; rank 0 writes
+            params = list(nets.model.parameters())
+            if nets.discriminator is not None:
+                params += list(nets.discriminator.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if rank == 0:
+                    stage.export(nets, folder)
+        elif rank == 0:
+            stage.export(nets, folder)
+
+    def report(final: bool) -> None:
+        metrics = {"step": state["step"], **state["logs"]}
+        tmp = checkpoint.save(engines, state, rank, final_export if final else None)
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp.name))
+        finally:
+            tmp.cleanup()
+
+    nets.model.train()
+    window_t, window_samples = time.perf_counter(), 0
+    sums: dict[str, float] = {}
+    counts = 0
+    while state["step"] < spec.max_steps:
+        it = train_shard.iter_torch_batches(
+            batch_size=tp.batch_size,
+            drop_last=True,
+            device="cpu",
+            local_shuffle_buffer_size=tp.shuffle_buffer or None,
+            local_shuffle_seed=(tp.seed * 100003 + state["epoch"]) if tp.shuffle_buffer else None,
+        )
+        seen = 0
+        for i, raw in enumerate(it):
+            seen += 1
+            if i < state["batch_in_epoch"]:
+                continue  # replaying the epoch up to where the checkpoint left it
+            t0 = time.perf_counter()
+            # Per-micro-step seed: any randomness in a step is the same after a restart.
+            torch.manual_seed(tp.seed * 1000003 + state["micro"] * 131 + rank)
+            batch = inputs(raw)
+            if d_engine is not None:
+                nets.discriminator.requires_grad_(False)  # the G step must not leave gradients in D
+            with autocast:
+                out = stage.step(nets, batch, sp)
+            g_engine.backward(out.loss)
+            g_engine.step()
+            logs = {k: float(v) for k, v in out.logs.items()}
+            if d_engine is not None:
+                nets.discriminator.requires_grad_(True)
+                from edtalk.losses import discriminator_adversarial_loss
+
+                with autocast:
+                    d_loss = discriminator_adversarial_loss(d_engine(out.real), d_engine(out.fake.detach()))
+                d_engine.backward(d_loss)
+                d_engine.step()
+                logs["d_loss"] = float(d_loss)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            counts += 1
+            state["micro"] += 1
+            state["batch_in_epoch"] = i + 1
+            n = tp.batch_size * world
+            state["samples"] += n
+            window_samples += n
+            state["train_s"] += time.perf_counter() - t0
+            if state["micro"] % tp.grad_accum:
+                continue
+            state["step"] += 1
+            step = state["step"]
+            last = step >= spec.max_steps
+            if step % tp.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_t
+                avg = _avg_over_ranks({k: v / counts for k, v in sums.items()}, device)
+                avg.update(validate())
+                avg["samples_per_s"] = window_samples / max(elapsed, 1e-9)
+                state["logs"] = avg
+                if rank == 0:
+                    shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(avg.items()) if k != "samples_per_s")
+                    print(
+                        f"[{stage.name}] step {step}/{spec.max_steps} {shown} "
+                        f"{avg['samples_per_s']:.1f} samples/s",
+                        flush=True,
+                    )
+                    if run_id:
+                        lineage.log_metrics(run_id, avg, step, uri)
+                sums, counts = {}, 0
+                window_t, window_samples = time.perf_counter(), 0
+            if tp.sample_every and step % tp.sample_every == 0 and not last:
+                log_grid(step)
+            if step % tp.checkpoint_every == 0 and not last:
+                report(final=False)
+            checkpoint.maybe_inject_fault(spec.run_dir, step, tp.fail_at_step, tp.fail_rank, rank)
+            if last:
+                break
+        if seen == 0:
+            raise RuntimeError(
+                f"stage {stage.name}: worker {rank} got no training batch of {tp.batch_size} samples; the data "
+                f"is too small for {world} worker(s) x batch_size {tp.batch_size} (add data, lower "
+                f"train.batch_size or train.workers)"
+            )
+        if state["step"] < spec.max_steps:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    log_grid(state["step"])
+    report(final=True)
+
+
+# ================================================================================================== driver side
+
+
+def _abs(path: str) -> str:
+    """Local paths become absolute (Ray workers run elsewhere); URIs stay as they are."""
+    return path if storage.is_remote(path) else str(Path(path).resolve())
+
+
+def _worker_env(tp: TrainParams) -> dict[str, str]:
+    env = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "edtalk-torch-extensions")
+        ),
+        "OMP_NUM_THREADS": str(tp.torch_threads),
+    }
+    if not tp.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("EDTALK_VGG19_WEIGHTS", "HF_HOME", "TRANSFORMERS_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def run_stage(stage_name: str, params_path: str | None = "params.yaml", overrides=()) -> dict:
+    """Run (or resume) one training stage; returns the metrics written to metrics/STAGE.json."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage = stage_registry.get(stage_name)
+    overrides = tuple(overrides)
+    tp = load_train_params(params_path, overrides)
+    sp = load_stage_params(stage.params_cls, stage.name, params_path, overrides)
+    model_section = load_section(params_path, "model", overrides)
+    data_dir = _abs(tp.data_dir)
+    models_dir = _abs(tp.models_dir)
+
+    upstream = lineage.read_upstream(models_dir, stage.upstream)
+    upstream_dirs = {name: storage.join(models_dir, name) for name in stage.upstream}
+    inputs = [data_dir, *upstream_dirs.values()]
+    hashes = lineage.input_hashes(inputs, tp.hash_inputs)
+    stage_params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(sp).items()}
+    fp = fingerprint(stage.name, stage_params, semantic_train_params(tp), model_section, hashes)
+    run_name = tp.run_name or f"{stage.name}-{fp}"
+    storage_path = _abs(tp.storage_path)
+    run_dir = storage.join(storage_path, run_name)
+
+    uri = lineage.tracking_uri()
+    run_id, exp_id, resumed = lineage.start_or_resume(run_dir, tp.experiment, stage.name, uri)
+    print(
+        f"[{stage.name}] {'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id}, {uri})",
+        flush=True,
+    )
+    git = lineage.git_info(".")
+    stat_tags, stats_doc = lineage.stats_tags(data_dir)
+    tags = {"stage": stage.name, "ray.run_name": run_name, "ray.storage": run_dir, "fingerprint": fp, **git}
+    tags.update({f"dvc.md5.{_rel(p)}": h for p, h in hashes.items()})
+    tags.update({f"dvc.lock.{p}": h for p, h in lineage.dvc_lock_hashes(stage.name).items()})
+    for name, info in upstream.items():
+        tags[f"upstream.{name}.run_id"] = info.get("run_id", "")
+        tags[f"upstream.{name}.git_commit"] = info.get("git_commit", "")
+        if info.get("model_version"):
+            tags[f"upstream.{name}.model_version"] = info["model_version"]
+    tags.update(stat_tags)
+    lineage.set_tags(run_id, tags, uri)
+    lineage.log_params(run_id, {"train": tp.to_dict(), stage.name: stage_params, "model": model_section}, uri)
+    if stats_doc is not None:
+        lineage.client(uri).log_dict(run_id, stats_doc, "data/_stats.json")
+
+    # ---- data
+    if not ray.is_initialized():  # RAY_ADDRESS (if set) picks a cluster; else a local instance
+        ray.init(runtime_env={"env_vars": _worker_env(tp)})
+    splits = data.segment_splits(data_dir)
+    train_ids, val_ids, how = data.train_val_ids(splits, tp.val_fraction)
+    print(
+        f"[{stage.name}] data {data_dir}: {len(train_ids)} train / {len(val_ids)} val segments ({how})",
+        flush=True,
+    )
+    lineage.set_tags(run_id, {"data.val_split": how}, uri)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train_ds = data.samples_dataset(
+        data_dir, stage.table, train_ids, stage.row_filter, stage.samples(sp, tp.seed)
+    )
+    val_samples = []
+    if tp.val_batches:
+        rows = data.local_samples(
+            data_dir,
+            stage.table,
+            val_ids,
+            stage.row_filter,
+            stage.samples(sp, tp.seed + 1),
+            tp.val_batches * tp.batch_size,
+        )
+        if not rows:
+            raise data.DataError(f"stage {stage.name}: the validation segments {val_ids} yield no samples")
+        for i in range(0, len(rows), tp.batch_size):
+            chunk = rows[i : i + tp.batch_size]
+            val_samples.append({k: np.stack([r[k] for r in chunk]) for k in chunk[0]})
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True  # deterministic sample order and sharding: restarts reproduce the run
+
+    spec = RunSpec(
+        stage=stage.name,
+        train=tp.to_dict(),
+        stage_params=stage_params,
+        model=model_section,
+        upstream_dirs=upstream_dirs,
+        run_dir=run_dir,
+        run_id=run_id,
+        tracking_uri=uri,
+        max_steps=sp.steps,
+    )
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={**spec.to_dict(), "val_samples": val_samples},
+        scaling_config=ScalingConfig(
+            num_workers=tp.workers, use_gpu=tp.use_gpu, resources_per_worker={"CPU": tp.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=tp.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tp.keep_checkpoints),
+            worker_runtime_env={"env_vars": _worker_env(tp)},
+        ),
+        datasets={"train": train_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": options}),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise RuntimeError(f"stage {stage.name}: the run finished without a checkpoint")
+    except BaseException:
+        lineage.end_run(run_id, uri, status="FAILED")
+        raise
+    wall_s = time.time() - t0
+
+    # ---- outputs: models/STAGE (from the final checkpoint), lineage.json, metrics/STAGE.json, registry
+    model_dir = storage.join(models_dir, stage.name)
+    _export_model(result.checkpoint, model_dir)
+    registered = tp.registered_model_prefix + stage.name if tp.register_model else None
+    info = {
+        "stage": stage.name,
+        "run_id": run_id,
+        "experiment_id": exp_id,
+        "tracking_uri": uri,
+        "git_commit": git["git.commit"],
+        "git_dirty": git["git.dirty"],
+        "ray_run": run_dir,
+        "inputs": {_rel(p): h for p, h in hashes.items()},
+        "upstream": {name: u.get("run_id", "") for name, u in upstream.items()},
+        "registered_model": registered or "",
+    }
+    lineage.write_lineage(model_dir, info)
+    local_model = storage.local_path_or_none(model_dir)
+    if local_model is None:
+        local_model = storage.download(model_dir, Path(_tmpdir()) / stage.name)
+    version = lineage.log_model_and_register(run_id, local_model, registered, uri)
+    if version:
+        info["model_version"] = version
+        lineage.write_lineage(model_dir, info)
+
+    final = dict(result.metrics or {})
+    steps = int(final.pop("step", sp.steps))
+    metrics = {
+        "stage": stage.name,
+        "steps": steps,
+        "losses": {k: v for k, v in final.items() if k != "samples_per_s" and not k.startswith("val_")},
+        "val_losses": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
+        "samples_per_s": final.get("samples_per_s"),
+        "wall_s": round(wall_s, 2),
+        "workers": tp.workers,
+        "run_id": run_id,
+        "run_name": run_name,
+        "model_version": version,
+    }
+    metrics_uri = storage.join(_abs(tp.metrics_dir), f"{stage.name}.json")
+    storage.write_bytes_atomic(metrics_uri, (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
+    lineage.log_metrics(run_id, {f"final_{k}": v for k, v in metrics["losses"].items()}, steps, uri)
+    lineage.log_metrics(run_id, {"wall_s": wall_s}, steps, uri)
+    lineage.end_run(run_id, uri)
+    print(
+        f"[{stage.name}] done: {model_dir} ({registered or 'not registered'} v{version}), {metrics_uri}",
+        flush=True,
+    )
+    return metrics
+
+
+def _tmpdir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="edtalk-model-")
+
+
+def _rel(path: str) -> str:
+    """A path relative to the working directory when inside it (stable tag names across machines)."""
+    local = storage.local_path_or_none(path)
+    if local is None:
+        return path
+    try:
+        return local.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return local.as_posix()
+
+
+def _export_model(ckpt, model_dir: str) -> None:
+    """Copy the final checkpoint's consolidated model folder to models/STAGE (replacing what was there)."""
+    with checkpoint.local_copy(ckpt) as path:
+        final = path / checkpoint.FINAL_DIR
+        if not final.is_dir():
+            raise RuntimeError(f"final checkpoint {ckpt.path} has no {checkpoint.FINAL_DIR}/ model folder")
+        local = storage.local_path_or_none(model_dir)
+        if local is not None:
+            if local.exists():
+                shutil.rmtree(local)
+            shutil.copytree(final, local)
+        else:
+            storage.upload(final, model_dir)

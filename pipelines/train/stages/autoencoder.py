@@ -1,0 +1,80 @@
+"""Stage `autoencoder`: E, G, D and one LIA motion bank learn to reconstruct a frame from another frame of the
+same segment (the LIA-style pre-training that later stages start from). Losses: L1 + VGG perceptual + adversarial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipelines.train import data
+from pipelines.train.stages import Nets, Stage, StepOut, edtalk_nets
+
+
+@dataclass
+class AutoencoderParams:
+    """The `autoencoder:` section of params.yaml."""
+
+    steps: int = 40  # optimizer steps
+    lr: float = 2e-3  # Adam learning rate of E, G and the LIA bank
+    d_lr: float = 2e-3  # Adam learning rate of D
+    beta1: float = 0.5  # Adam beta1 (both engines)
+    beta2: float = 0.99  # Adam beta2 (both engines)
+    pairs_per_segment: int = 8  # (source, driving) frame pairs drawn from each segment per pass
+    w_rec: float = 1.0  # weight of L1 reconstruction (Eq. 5)
+    w_per: float = 1.0  # weight of the VGG19 perceptual loss (Eq. 5)
+    w_adv: float = 1.0  # weight of the generator's adversarial loss (Eq. 6)
+    perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
+    vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
+
+    def __post_init__(self) -> None:
+        self.perceptual_scales = tuple(self.perceptual_scales)
+        if self.steps < 1 or self.lr <= 0 or self.d_lr <= 0 or self.pairs_per_segment < 1:
+            raise ValueError("autoencoder params: steps and pairs_per_segment must be >= 1, lr and d_lr > 0")
+        if min(self.w_rec, self.w_per, self.w_adv) < 0:
+            raise ValueError("autoencoder params: loss weights must be >= 0")
+
+
+def perceptual(p) -> torch.nn.Module:
+    from edtalk.losses import PerceptualLoss, PerceptualLossConfig
+
+    cfg = PerceptualLossConfig(scales=tuple(p.perceptual_scales), vgg_weights=p.vgg_weights or None)
+    return PerceptualLoss(cfg)
+
+
+def samples(p: AutoencoderParams, seed: int) -> data.RowFn:
+    return data.frame_pairs(p.pairs_per_segment, seed)
+
+
+def build(model_section: dict, p: AutoencoderParams, upstream: dict[str, str]) -> Nets:
+    return edtalk_nets("autoencoder", model_section, None, {"perceptual": perceptual(p)})
+
+
+def step(nets: Nets, batch: dict, p: AutoencoderParams) -> StepOut:
+    from edtalk import losses
+
+    src, drv = batch["source"], batch["driving"]
+    fake = nets.model.reconstruct_lia(src, drv)
+    rec = losses.l1_reconstruction_loss(fake, drv)
+    per = nets.extras["perceptual"](fake, drv)
+    adv = losses.generator_adversarial_loss(nets.discriminator(fake))
+    loss = p.w_rec * rec + p.w_per * per + p.w_adv * adv
+    return StepOut(loss, {"loss": loss, "rec": rec, "per": per, "adv": adv}, real=drv, fake=fake)
+
+
+def grid(nets: Nets, batch: dict, p: AutoencoderParams) -> dict[str, torch.Tensor]:
+    out = nets.model.reconstruct_lia(batch["source"], batch["driving"])
+    return {"identity": batch["source"], "driving": batch["driving"], "output": out}
+
+
+STAGE = Stage(
+    name="autoencoder",
+    params_cls=AutoencoderParams,
+    table="segments",
+    samples=samples,
+    build=build,
+    step=step,
+    grid=grid,
+    adversarial=True,
+)
