@@ -98,12 +98,17 @@ class PreprocessParams:
     multi_face_fraction: float = (
         0.5  # at least this fraction of probed frames with 2+ faces -> multiple_faces
     )
+    tube_min_iou: float = (
+        0.6  # a new face tube when the face box's IoU with the tube's first box drops below this
+    )
     crop_scale: float = 1.8  # crop side / landmark box side (FOMM-like margin around the face)
     crop_shift_up: float = 0.12  # move the crop centre up by this fraction of the landmark box (forehead)
     jpeg_quality: int = 95  # JPEG quality of stored frames
     pairs_per_segment: int = 2  # mouth-swap and eye-swap pairs per segment, each
     mask_feather: float = 0.1  # Gaussian feather (sigma) of swap masks, as a fraction of the region's size
-    min_speech_ratio: float = 0.3  # below this speech-activity ratio a segment is flagged no_speech
+    min_speech_ratio: float = (
+        0.3  # a segment, or its whole video, with less speech activity is flagged no_speech
+    )
     speech_encoder: str = ""  # local HuBERT-like model folder for speech_states; "" = none
     asr_model: str = ""  # local Whisper-like model folder for transcripts without a sidecar; "" = none
     default_split: str = "train"  # split of sources that name none (train|val|test)
@@ -128,6 +133,7 @@ class PreprocessParams:
             (self.min_face_px >= 1, "min_face_px must be >= 1"),
             (0 <= self.min_face_fraction <= 1, "min_face_fraction must be in [0, 1]"),
             (0 < self.multi_face_fraction <= 1, "multi_face_fraction must be in (0, 1]"),
+            (0 < self.tube_min_iou <= 1, "tube_min_iou must be in (0, 1]"),
             (self.crop_scale >= 1, "crop_scale must be >= 1"),
             (1 <= self.jpeg_quality <= 100, "jpeg_quality must be in [1, 100]"),
             (self.pairs_per_segment >= 0, "pairs_per_segment must be >= 0"),

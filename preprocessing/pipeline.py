@@ -229,10 +229,12 @@ class SourceProcessor:
         if has_audio:
             wave = audio.fit_length(wave, count * schema.SAMPLES_PER_FRAME)
             speech = audio.speech_mask(wave, count)
+            video_speech = float(speech.mean())
         else:
             flags.append(schema.FLAG_NO_AUDIO)
             wave = np.zeros(count * schema.SAMPLES_PER_FRAME, np.float32)
             speech = np.zeros(count, bool)
+            video_speech = 0.0
 
         # 4. transcript of the whole video (manifest, .txt, .json); per-segment ASR below when none
         from preprocessing.transcripts import resolve_transcript
@@ -246,7 +248,9 @@ class SourceProcessor:
             factors = {k: _resample_per_frame(list(v), count, ffps, p.fps) for k, v in factors.items()}
         rng = np.random.default_rng([p.seed, int(hashlib.sha256(src.hash.encode()).hexdigest()[:8], 16)])
         seg_rows, pair_rows = [], []
-        for n, (start, end) in enumerate(tubes.split_segments(track.landmarks, p.segment_frames)):
+        for n, (start, end) in enumerate(
+            tubes.split_segments(track.landmarks, p.segment_frames, p.tube_min_iou)
+        ):
             seg_id = f"{src.hash[:16]}_{n:03d}"
             lms_src = track.landmarks[start:end]
             box = tubes.tube_box(lms_src, p.crop_scale, p.crop_shift_up)
@@ -255,15 +259,17 @@ class SourceProcessor:
             t_len = end - start
             seg_wave = wave[start * schema.SAMPLES_PER_FRAME : end * schema.SAMPLES_PER_FRAME]
             ratio = float(speech[start:end].mean()) if has_audio else 0.0
+            # speech needs both: the video as a whole (a music track has speech-like bursts) and this segment
+            speaks = has_audio and video_speech >= p.min_speech_ratio and ratio >= p.min_speech_ratio
             seg_flags = list(flags)
-            if has_audio and ratio < p.min_speech_ratio:
+            if has_audio and not speaks:
                 seg_flags.append(schema.FLAG_NO_SPEECH)
             states, dim = None, 0
             if self.encoder() is not None and has_audio:
                 arr = self.encoder().states(seg_wave, t_len)
                 states, dim = schema.f32_bytes(arr), int(arr.shape[1])
             seg_text = text
-            if not seg_text and self.transcriber() is not None and has_audio and ratio >= p.min_speech_ratio:
+            if not seg_text and self.transcriber() is not None and speaks:
                 seg_text = self.transcriber().transcribe(seg_wave).strip()
             seg_rows.append(
                 {
@@ -284,7 +290,7 @@ class SourceProcessor:
                     "mel": schema.f32_bytes(audio.mel_windows(seg_wave, t_len)),
                     "has_audio": has_audio,
                     "speech_ratio": ratio,
-                    "audio_usable": has_audio and ratio >= p.min_speech_ratio,
+                    "audio_usable": speaks,
                     "flags": seg_flags,
                     "transcript": seg_text,
                     "speech_states": states,
@@ -330,6 +336,8 @@ class SourceProcessor:
             "pairs": len(pair_rows),
             "flags": all_flags,
             "decoded_frames": count,
+            # frames in face tubes too short to keep (between cuts / big moves); reported, not silent
+            "frames_left_out": count - int(sum(r["num_frames"] for r in seg_rows)),
         }
 
     def _judge(self, src: Source, track) -> None:
@@ -417,6 +425,7 @@ def run(input_spec: str, output: str, params: PreprocessParams, progress: bool =
         "segments": sum(r["segments"] for r in results),
         "frames": frames,
         "decoded_frames": sum(r.get("decoded_frames", 0) for r in results),
+        "frames_left_out": sum(r.get("frames_left_out", 0) for r in results),
         "pairs": sum(r["pairs"] for r in results),
         "rejects": rejects,
         "errors": [{"source": r["source"], "error": r["reason"]} for r in results if r["status"] == "error"],

@@ -1,5 +1,6 @@
 """FOMM-style face tubes: one square box per segment, centred on the face's landmarks with a margin, cropped and
-resized; a new tube where the face jumps (a cut); segments of at most `segment_frames`."""
+resized; a new tube where the face jumps (a cut) or drifts far from where the tube began; segments of at most
+`segment_frames`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import numpy as np
 
 from preprocessing.landmarks import landmark_box
 
-JUMP = 0.35  # a frame-to-frame move of the face centre larger than this x face side starts a new tube
-MIN_PIECE = (
-    3  # tube pieces shorter than this many frames (between two cuts) cannot make pairs and are skipped
-)
+# a frame-to-frame move of the face centre larger than this x face side is a cut: a new tube
+JUMP = 0.35
+# tubes shorter than this many frames (~0.5 s) are too short to train on: left out and counted
+MIN_PIECE = 13
+# default: a new tube when the face box's IoU with the tube's first box falls below this
+TUBE_MIN_IOU = 0.6
 
 
 def face_geometry(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -24,17 +27,40 @@ def face_geometry(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centres, sides
 
 
-def split_segments(landmarks: np.ndarray, segment_frames: int) -> list[tuple[int, int]]:
-    """[start, end) ranges: cut where the face jumps, then split each tube into near-equal pieces of at most
-    `segment_frames` (so no tiny tail segment)."""
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def split_tubes(landmarks: np.ndarray, min_iou: float = TUBE_MIN_IOU) -> list[tuple[int, int]]:
+    """[start, end) face tubes: a new tube at a cut (the face jumps between two frames) or when the face's landmark
+    box has moved or grown so much that its IoU with the tube's first box falls below `min_iou` (as FOMM's crop
+    script does), so one fixed crop box per tube keeps the face near its centre."""
     t_len = len(landmarks)
     if t_len == 0:
         return []
+    boxes = landmark_box(landmarks)
     centres, sides = face_geometry(landmarks)
-    moves = np.linalg.norm(np.diff(centres, axis=0), axis=1) if t_len > 1 else np.zeros(0)
-    cuts = [0] + [i + 1 for i, m in enumerate(moves) if m > JUMP * max(sides[i], 1.0)] + [t_len]
+    tubes, start = [], 0
+    for t in range(1, t_len):
+        jump = np.linalg.norm(centres[t] - centres[t - 1]) > JUMP * max(sides[t - 1], 1.0)
+        if jump or _iou(boxes[start], boxes[t]) < min_iou:
+            tubes.append((start, t))
+            start = t
+    tubes.append((start, t_len))
+    return tubes
+
+
+def split_segments(
+    landmarks: np.ndarray, segment_frames: int, min_iou: float = TUBE_MIN_IOU
+) -> list[tuple[int, int]]:
+    """[start, end) segments: face tubes (see split_tubes) split into near-equal pieces of at most
+    `segment_frames` (so no tiny tail). Tubes shorter than MIN_PIECE frames are left out (counted by the caller)."""
     ranges = []
-    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+    for a, b in split_tubes(landmarks, min_iou):
         n = b - a
         if n < MIN_PIECE:
             continue
