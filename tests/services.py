@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -389,7 +390,7 @@ def mlflow_server(s3_server, postgres_server, tmp_path_factory) -> Iterator[Mlfl
         )
         yield MlflowServer(uri, "admin", admin_password, bucket, "artifacts", proc)
     finally:
-        proc.stop()
+        proc.stop(grace=8)
 
 
 def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
@@ -448,13 +449,38 @@ class RayCluster:
             )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    def node_ids(self) -> dict[str, str]:
+        """{"head": node id, "worker": node id}, told apart by their custom resources."""
+        return self.run_driver(
+            "import json, ray; ray.init(); print(json.dumps({k.split('_')[0]: n['NodeID'] for n in ray.nodes() "
+            "if n['Alive'] for k in n['Resources'] if k in ('head_node', 'worker_node')}))"
+        )
 
-def _ray_node_cmd(temp_dir: Path, head: bool, gcs_port: int, resources: dict) -> list[str]:
+    def workers_by_node(self) -> dict[str, set[str]]:
+        """node id -> job ids that had a worker process on that node (from the raylets' own logs).
+
+        Ray leases a worker to one job; its core-worker log names its node, its log file names the job. Needs no
+        dashboard (the state API would; ray[default] is not installed)."""
+        logs = self.temp_dir / "session_latest" / "logs"
+        node_of: dict[str, str] = {}
+        for f in logs.glob("python-core-worker-*.log"):
+            m = re.search(r"worker_id=(\w+) node_id=(\w+)", f.read_text(errors="replace"))
+            if m:
+                node_of[m.group(1)] = m.group(2)
+        out: dict[str, set[str]] = {}
+        for f in logs.glob("worker-*-*-*.out"):
+            _, worker_id, job_id, _ = f.name.split("-", 3)
+            if worker_id in node_of and job_id != "ffffffff":
+                out.setdefault(node_of[worker_id], set()).add(job_id)
+        return out
+
+
+def _ray_node_cmd(temp_dir: Path, head: bool, gcs_port: int, resources: dict, cpus: int = 1) -> list[str]:
     # Two raylets on one host need distinct ports for everything a node listens on.
     workers = free_port_range(16)
     cmd = [
         str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-        "--num-cpus", "1", "--num-gpus", "0", "--resources", json.dumps(resources),
+        "--num-cpus", str(cpus), "--num-gpus", "0", "--resources", json.dumps(resources),
         "--object-store-memory", str(256 * 1024**2),
         "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
         "--min-worker-port", str(workers), "--max-worker-port", str(workers + 15),
@@ -471,45 +497,60 @@ def _ray_node_cmd(temp_dir: Path, head: bool, gcs_port: int, resources: dict) ->
     return cmd
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[RayCluster]:
+@contextlib.contextmanager
+def local_ray_cluster(
+    worker_node: bool = True, cpus: int = 1, extra_env: dict | None = None
+) -> Iterator[RayCluster]:
+    """A Ray head (resource `head_node`) and, optionally, a second node (`worker_node`) on this host, `cpus` CPUs
+    each; everything stopped by process group on exit. Used by the ray_cluster fixture and bench/cluster.py."""
     temp_dir = Path(tempfile.mkdtemp(prefix="edtalk-ray-"))  # short: Ray's socket paths must stay < 108 chars
     gcs_port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # no drain wait on SIGTERM: nothing to drain in a test
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # no drain wait on SIGTERM: nothing to drain here
+    env.update(extra_env or {})
     cluster = RayCluster(f"127.0.0.1:{gcs_port}", secrets.token_hex(32), temp_dir)
     env.update(cluster.auth_env())
+    expected = ["head_node", "worker_node"] if worker_node else ["head_node"]
     try:
         head = start(
             "Ray head",
-            _ray_node_cmd(temp_dir, True, gcs_port, {"head_node": 1}),
+            _ray_node_cmd(temp_dir, True, gcs_port, {"head_node": 1}, cpus),
             temp_dir / "head.out",
             env=env,
         )
         cluster.procs.append(head)
         wait_until(lambda: (temp_dir / "ray_current_cluster").exists(), 90, head, "head node up")
-        worker = start(
-            "Ray worker node",
-            _ray_node_cmd(temp_dir, False, gcs_port, {"worker_node": 1}),
-            temp_dir / "worker.out",
-            env=env,
-        )
-        cluster.procs.append(worker)
-        wait_until(
-            lambda: "Ray runtime started" in worker.log.read_text(errors="replace"), 90, worker, "worker up"
-        )
+        if worker_node:
+            worker = start(
+                "Ray worker node",
+                _ray_node_cmd(temp_dir, False, gcs_port, {"worker_node": 1}, cpus),
+                temp_dir / "worker.out",
+                env=env,
+            )
+            cluster.procs.append(worker)
+            wait_until(
+                lambda: "Ray runtime started" in worker.log.read_text(errors="replace"),
+                90,
+                worker,
+                "worker up",
+            )
         nodes = cluster.run_driver(
             "import json, ray; ray.init(); "
             "print(json.dumps(sorted(k for n in ray.nodes() if n['Alive'] for k in n['Resources'] if k.endswith('_node'))))",
         )
-        if nodes != ["head_node", "worker_node"]:
-            raise RuntimeError(
-                f"the Ray cluster has nodes with resources {nodes}, expected head_node and worker_node"
-            )
+        if nodes != expected:
+            raise RuntimeError(f"the Ray cluster has nodes with resources {nodes}, expected {expected}")
         yield cluster
     finally:
         for proc in reversed(cluster.procs):
-            proc.stop(grace=20)
+            proc.stop(grace=10)
         kill_leftovers({proc.popen.pid for proc in cluster.procs}, str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server) -> Iterator[RayCluster]:
+    # Like the pods of infra/k8s/ray: every node holds the object-storage settings, so tasks read s3:// anywhere.
+    with local_ray_cluster(extra_env=s3_server.env()) as cluster:
+        yield cluster

@@ -12,6 +12,7 @@
 #   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, and MLFLOW_S3_ENDPOINT_URL for a non-AWS S3 (MinIO, Ceph, ...)
 #   MLFLOW_HOST=0.0.0.0  MLFLOW_PORT=5000  MLFLOW_WORKERS=2  MLFLOW_ALLOWED_HOSTS=(mlflow's default)
 #   MLFLOW_AUTH_CONFIG_DIR=/tmp     where the generated basic_auth.ini goes (it holds secrets: mode 600)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false   MLflow's server-side job runner (unused here)
 set -euo pipefail
 
 for var in MLFLOW_BACKEND_STORE_URI MLFLOW_AUTH_DATABASE_URI MLFLOW_ARTIFACTS_DESTINATION \
@@ -37,6 +38,9 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 auth_cache_ttl_seconds = 60
 EOF
 export MLFLOW_AUTH_CONFIG_PATH="$ini"  # the admin password comes from MLFLOW_AUTH_ADMIN_PASSWORD
+# MLflow 3's server-side job runner (GenAI evaluation, trace roll-ups) starts a pool of ~250 MB consumers; this
+# pipeline uses none of it. Set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to get it back.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 args=(
   server
