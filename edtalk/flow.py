@@ -12,6 +12,11 @@ so a new flow is the identity. Every step is exactly invertible and its log-dete
 
 Direction names: ``forward(w, cond) -> (z, logdet)`` is data -> latent (the paper's φ^{-1} in Eq. 13), with
 logdet = log|det ∂z/∂w| per frame; ``inverse(z, cond) -> w`` is the paper's φ, used to sample.
+
+Training (Eq. 13-14): L_MLE = ``losses.flow_nll(*flow(w, f^a))``. Since inverse(forward(w)) is w exactly, the
+reconstruction and temporal losses of Eq. 14 only carry signal on weights produced from a latent that did not
+come from w: we suggest ŵ = ``sample(f^a, temperature=τ)`` with small τ (0 gives the mode φ(0)), which pulls the
+conditional mode towards the true motion and keeps it smooth, while the likelihood keeps the spread.
 """
 
 from __future__ import annotations
