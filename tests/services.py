@@ -433,7 +433,7 @@ class RayCluster:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def run_driver(self, code: str, timeout: float = 120, extra_env: dict | None = None) -> dict:
-        """Run Python code as a separate driver on the cluster; the code prints one JSON line last."""
+        """Run Python code as a separate driver on the cluster; the code prints its result as one JSON line."""
         env = {**self.env(), **(extra_env or {})}
         out = subprocess.run(
             [sys.executable, "-c", code],
@@ -447,7 +447,11 @@ class RayCluster:
             raise RuntimeError(
                 f"driver failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
             )
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # Workers' log lines reach the driver's stdout too, even after the result: take the last JSON line.
+        for line in reversed(out.stdout.strip().splitlines()):
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(line)
+        raise RuntimeError(f"driver printed no JSON result:\n{out.stdout[-3000:]}")
 
     def node_ids(self) -> dict[str, str]:
         """{"head": node id, "worker": node id}, told apart by their custom resources."""
@@ -550,7 +554,9 @@ def local_ray_cluster(
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server) -> Iterator[RayCluster]:
-    # Like the pods of infra/k8s/ray: every node holds the object-storage settings, so tasks read s3:// anywhere.
-    with local_ray_cluster(extra_env=s3_server.env()) as cluster:
+def ray_cluster(s3_server, mlflow_server) -> Iterator[RayCluster]:
+    # Like the pods of infra/k8s/ray: every node holds the object-storage and MLflow client settings, so tasks read
+    # s3:// and log runs from anywhere. 2 logical CPUs per node: a 1.5-CPU training rank fits only once per node.
+    env = {**s3_server.env(), **mlflow_server.client_env()}
+    with local_ray_cluster(cpus=2, extra_env=env) as cluster:
         yield cluster

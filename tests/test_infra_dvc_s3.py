@@ -73,3 +73,44 @@ def test_dvc_push_pull_round_trip(s3_server, tmp_path):
         assert (clone / "data" / "processed" / rel).read_bytes() == content
     status = run(["dvc", "status", "-c"], clone, env)
     assert "up to date" in status.lower() or "in sync" in status.lower(), status
+
+
+def test_pipeline_job_script_runs_and_pushes(s3_server, tmp_path):
+    """infra/scripts/dvc-repro.sh (what the pipeline RayJob runs) on a small DVC pipeline: remote from the
+    environment, -S overrides recorded in params.yaml, outputs pushed to S3."""
+    bucket = s3_server.create_bucket("edtalk-dvc-job")
+    env = {
+        **os.environ,
+        **s3_server.env(),
+        "DVC_REMOTE_URL": f"s3://{bucket}/dvc",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run(["git", "init", "-q"], repo, env)
+    run(["dvc", "init", "-q"], repo, env)
+    (repo / "params.yaml").write_text("train:\n  scale: 1\n")
+    (repo / "raw.txt").write_text("3\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n"
+        "  scale:\n"
+        "    cmd: python -c \"import yaml; s = yaml.safe_load(open('params.yaml'))['train']['scale'];"
+        " open('out.txt', 'w').write(str(int(open('raw.txt').read()) * s))\"\n"
+        "    deps: [raw.txt]\n"
+        "    params: [train.scale]\n"
+        "    outs: [out.txt]\n"
+    )
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "pipeline"], repo, env)
+
+    script = Path(__file__).resolve().parents[1] / "infra" / "scripts" / "dvc-repro.sh"
+    run(["bash", str(script), "scale", "-S", "train.scale=5"], repo, env)
+    assert (repo / "out.txt").read_text() == "15"
+    assert "scale: 5" in (repo / "params.yaml").read_text()  # the override is in the experiment's params
+    assert "endpointurl" not in (repo / ".dvc" / "config").read_text()  # site settings stay in config.local
+    assert [k for k in s3_server.keys(bucket, "dvc/") if "/files/md5/" in k], "nothing pushed"
