@@ -187,6 +187,32 @@ def dvc_md5(path: str | Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
+# The code a training stage runs (also its code deps in dvc.yaml): a change here starts a new run.
+CODE_PATHS = (
+    "edtalk",
+    "pipelines/train",
+    "pipelines/lineage.py",
+    "preprocessing/schema.py",
+    "preprocessing/storage.py",
+)
+
+
+def code_md5() -> str:
+    """md5 over the Python sources of CODE_PATHS (found beside the installed packages): part of a run's
+    fingerprint, so changed code starts a new run instead of resuming a finished one."""
+    import pipelines
+
+    root = Path(pipelines.__file__).resolve().parent.parent
+    h = hashlib.md5()
+    for rel in CODE_PATHS:
+        path = root / rel
+        files = [path] if path.is_file() else sorted(path.rglob("*.py"))
+        for p in files:
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 def dvc_lock_hashes(stage: str, root: str | Path = ".") -> dict[str, str]:
     """path -> md5 of the stage's deps as recorded in dvc.lock (the last `dvc repro` of it), or {}."""
     lock = Path(root, "dvc.lock")

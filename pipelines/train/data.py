@@ -261,10 +261,21 @@ def sync_pairs(length: int, per_segment: int, seed: int, min_shift: int = 5) -> 
 # -------------------------------------------------------------------------------------------------- batches
 
 
-def to_model_inputs(batch: dict, device, dtype=None) -> dict:
-    """A torch batch from Ray -> model inputs: uint8 images (...,H,W,3) -> float [-1,1] (...,3,H,W); uint8 masks
-    (B,H,W) -> float [0,1] (B,1,H,W); other tensors move to `device` unchanged."""
+def to_model_inputs(batch: dict, device, image_size: int | None = None) -> dict:
+    """A torch batch from Ray -> model inputs: uint8 images (...,H,W,3) -> float [-1,1] (...,3,S,S); uint8 masks
+    (B,H,W) -> float [0,1] (B,1,S,S); other tensors move to `device` unchanged. Crops of another side than the
+    model's `image_size` S are resized (antialiased), so one preprocessed set serves every model preset."""
     import torch
+    import torch.nn.functional as F
+
+    def fit(x: torch.Tensor) -> torch.Tensor:
+        if image_size is None or x.shape[-1] == image_size:
+            return x
+        lead = x.shape[:-3]
+        y = F.interpolate(
+            x.reshape(-1, *x.shape[-3:]), size=(image_size, image_size), mode="bilinear", antialias=True
+        )
+        return y.reshape(*lead, *y.shape[-3:])
 
     out = {}
     for key, value in batch.items():
@@ -272,8 +283,8 @@ def to_model_inputs(batch: dict, device, dtype=None) -> dict:
             continue
         value = value.to(device)
         if value.dtype == torch.uint8 and value.dim() >= 4 and value.shape[-1] == 3:
-            value = value.movedim(-1, -3).float() / 127.5 - 1.0
+            value = fit(value.movedim(-1, -3).float() / 127.5 - 1.0)
         elif value.dtype == torch.uint8 and value.dim() == 3:
-            value = value.unsqueeze(1).float() / 255.0
+            value = fit(value.unsqueeze(1).float() / 255.0)
         out[key] = value
     return out

@@ -146,8 +146,10 @@ def worker_loop(config: dict) -> None:
     val_batches = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in (val_samples or [])]
     grid_batch = val_batches[0] if val_batches else None
 
+    image_size = getattr(getattr(nets.model, "config", None), "image_size", None)
+
     def inputs(batch):
-        return data.to_model_inputs(batch, device)
+        return data.to_model_inputs(batch, device, image_size)
 
     def validate() -> dict[str, float]:
         out: dict[str, list[float]] = {}
@@ -192,7 +194,7 @@ def worker_loop(config: dict) -> None:
     nets.model.train()
     window_t, window_samples = time.perf_counter(), 0
     sums: dict[str, float] = {}
-    counts = 0
+    counts, overhead = 0, 0.0
     while state["step"] < spec.max_steps:
         it = train_shard.iter_torch_batches(
             batch_size=tp.batch_size,
@@ -241,10 +243,10 @@ def worker_loop(config: dict) -> None:
             step = state["step"]
             last = step >= spec.max_steps
             if step % tp.log_every == 0 or last:
-                elapsed = time.perf_counter() - window_t
+                elapsed = time.perf_counter() - window_t - overhead
                 avg = _avg_over_ranks({k: v / counts for k, v in sums.items()}, device)
-                avg.update(validate())
                 avg["samples_per_s"] = window_samples / max(elapsed, 1e-9)
+                avg.update(validate())
                 state["logs"] = avg
                 if rank == 0:
                     shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(avg.items()) if k != "samples_per_s")
@@ -255,12 +257,14 @@ def worker_loop(config: dict) -> None:
                     )
                     if run_id:
                         lineage.log_metrics(run_id, avg, step, uri)
-                sums, counts = {}, 0
+                sums, counts, overhead = {}, 0, 0.0
                 window_t, window_samples = time.perf_counter(), 0
+            t_aside = time.perf_counter()  # grids and checkpoints do not count against samples/s
             if tp.sample_every and step % tp.sample_every == 0 and not last:
                 log_grid(step)
             if step % tp.checkpoint_every == 0 and not last:
                 report(final=False)
+            overhead += time.perf_counter() - t_aside
             checkpoint.maybe_inject_fault(spec.run_dir, step, tp.fail_at_step, tp.fail_rank, rank)
             if last:
                 break
@@ -292,6 +296,7 @@ def _worker_env(tp: TrainParams) -> dict[str, str]:
             "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "edtalk-torch-extensions")
         ),
         "OMP_NUM_THREADS": str(tp.torch_threads),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else every progress line reaches the console twice
     }
     if not tp.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -322,7 +327,8 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     inputs = [data_dir, *upstream_dirs.values()]
     hashes = lineage.input_hashes(inputs, tp.hash_inputs)
     stage_params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(sp).items()}
-    fp = fingerprint(stage.name, stage_params, semantic_train_params(tp), model_section, hashes)
+    code = lineage.code_md5()
+    fp = fingerprint(stage.name, stage_params, semantic_train_params(tp), model_section, hashes, code)
     run_name = tp.run_name or f"{stage.name}-{fp}"
     storage_path = _abs(tp.storage_path)
     run_dir = storage.join(storage_path, run_name)
@@ -336,6 +342,7 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     git = lineage.git_info(".")
     stat_tags, stats_doc = lineage.stats_tags(data_dir)
     tags = {"stage": stage.name, "ray.run_name": run_name, "ray.storage": run_dir, "fingerprint": fp, **git}
+    tags["code.md5"] = code
     tags.update({f"dvc.md5.{_rel(p)}": h for p, h in hashes.items()})
     tags.update({f"dvc.lock.{p}": h for p, h in lineage.dvc_lock_hashes(stage.name).items()})
     for name, info in upstream.items():

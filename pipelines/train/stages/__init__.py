@@ -18,6 +18,13 @@ from torch import nn
 STAGES: dict[str, str] = {
     "autoencoder": "pipelines.train.stages.autoencoder:STAGE",
     "mouth_pose": "pipelines.train.stages.mouth_pose:STAGE",
+    "eye": "pipelines.train.stages.eye:STAGE",
+    "expression": "pipelines.train.stages.expression:STAGE",
+    "syncnet": "pipelines.train.stages.syncnet:STAGE",
+    "audio_lip": "pipelines.train.stages.audio_lip:STAGE",
+    "audio_pose": "pipelines.train.stages.audio_pose:STAGE",
+    "audio_eye": "pipelines.train.stages.audio_eye:STAGE",
+    "audio_expression": "pipelines.train.stages.audio_expression:STAGE",
 }
 
 

@@ -1,0 +1,155 @@
+"""End to end: autoencoder (2 workers) and mouth_pose through real Ray Train + DeepSpeed on a tiny SynthTalk set,
+their outputs and MLflow lineage; a fault-injected run that restarts from its checkpoint and ends with the very
+same weights as the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, ray_cluster) -> Path:
+    """3 SynthTalk speakers x one 2 s clip (one in val), preprocessed to 64 px crops with sidecar landmarks."""
+    from preprocessing.params import PreprocessParams
+    from preprocessing.pipeline import run
+    from preprocessing.synthtalk import SynthConfig, generate_set
+
+    root = tmp_path_factory.mktemp("train-data")
+    cfg = SynthConfig.from_dict(
+        {"identities": 3, "clips_per_identity": 1, "seconds": 2.0, "val_identities": 1, "test_identities": 0}
+    )
+    generate_set(cfg, root / "raw")
+    params = PreprocessParams(size=64, landmark_backend="sidecar", workers=1, pairs_per_segment=2)
+    run(str(root / "raw"), str(root / "processed"), params, progress=False)
+    assert list((root / "processed" / "pairs").glob("*.parquet")), "preprocessing wrote no pairs"
+    return root / "processed"
+
+
+def overrides(data: Path, out: Path, **extra) -> list[str]:
+    values = {
+        "train.data_dir": data,
+        "train.models_dir": out / "models",
+        "train.metrics_dir": out / "metrics",
+        "train.storage_path": out / "ray",
+        "train.workers": 2,
+        "train.cpus_per_worker": 0.5,
+        "train.batch_size": 2,
+        "train.log_every": 2,
+        "train.checkpoint_every": 2,
+        "train.sample_every": 2,
+        "autoencoder.steps": 4,
+        "autoencoder.pairs_per_segment": 4,
+        "mouth_pose.steps": 2,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tiny_data, tracking, tmp_path_factory):
+    from pipelines.train.runner import run_stage
+
+    out = tmp_path_factory.mktemp("run")
+    metrics = run_stage("autoencoder", PARAMS, overrides(tiny_data, out))
+    return out, metrics
+
+
+def test_autoencoder_then_mouth_pose_with_lineage(autoencoder_run, tiny_data, tracking):
+    from mlflow import MlflowClient
+
+    from edtalk import EDTalk
+    from pipelines.train.runner import run_stage
+
+    out, ae = autoencoder_run
+    assert ae["steps"] == 4 and ae["workers"] == 2
+    assert {"rec", "per", "adv", "d_loss"} <= set(ae["losses"]) and ae["samples_per_s"] > 0
+    assert json.loads((out / "metrics" / "autoencoder.json").read_text())["run_id"] == ae["run_id"]
+    model = EDTalk.from_pretrained(out / "models" / "autoencoder")  # the edtalk API alone, no Ray/DeepSpeed
+    assert model.discriminator is not None
+
+    mp = run_stage("mouth_pose", PARAMS, overrides(tiny_data, out, **{"train.workers": 1}))
+    assert mp["steps"] == 2 and {"fea", "self", "rec"} <= set(mp["losses"])
+
+    c = MlflowClient(tracking)
+    ae_run, mp_run = c.get_run(ae["run_id"]), c.get_run(mp["run_id"])
+    for run in (ae_run, mp_run):
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert tags["git.commit"] and tags["git.dirty"] in ("true", "false", "unknown")
+        assert any(k.startswith("dvc.md5.") and v.endswith(".dir") for k, v in tags.items())
+        assert tags["code.md5"] and tags["fingerprint"]
+        assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")]
+        arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert {"model", "samples"} <= arts
+        assert any(a.path.endswith(".png") for a in c.list_artifacts(run.info.run_id, "samples"))
+    assert mp_run.data.tags["upstream.autoencoder.run_id"] == ae["run_id"]
+    assert "data.stats.segments" in ae_run.data.tags or any(
+        k.startswith("data.stats.") for k in ae_run.data.tags
+    )
+    assert ae_run.data.params["autoencoder.steps"] == "4"
+
+    version = c.get_model_version("edtalk-mouth_pose", mp["model_version"])
+    assert version.run_id == mp["run_id"]
+    lineage = json.loads((out / "models" / "mouth_pose" / "lineage.json").read_text())
+    assert lineage["run_id"] == mp["run_id"] and lineage["upstream"] == {"autoencoder": ae["run_id"]}
+
+    # mouth_pose trained only MLN/PLN/trunk (and D): E and G are the autoencoder's, bit for bit.
+    a = load_file(out / "models" / "autoencoder" / "model.safetensors")
+    b = load_file(out / "models" / "mouth_pose" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a if k.startswith(("encoder.", "generator.")))
+    assert any(not (a[k] == b[k]).all() for k in a if k.startswith("navigation.mouth"))
+
+
+def test_fault_restart_matches_uninterrupted_run(autoencoder_run, tiny_data, tracking, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.train.runner import run_stage
+
+    ref_out, ref = autoencoder_run
+    extra = {
+        "train.fail_at_step": 3,
+        "train.fail_rank": 1,
+        "train.experiment": "fault",
+        "train.register_model": False,
+    }
+    metrics = run_stage("autoencoder", PARAMS, overrides(tiny_data, tmp_path, **extra))
+    assert metrics["steps"] == ref["steps"] == 4
+    markers = list((tmp_path / "ray").rglob("fault_injected_step3_rank1"))
+    assert len(markers) == 1, "the fault was not injected"
+
+    ref_w = load_file(ref_out / "models" / "autoencoder" / "model.safetensors")
+    new_w = load_file(tmp_path / "models" / "autoencoder" / "model.safetensors")
+    assert ref_w.keys() == new_w.keys()
+    differing = [k for k in ref_w if not (ref_w[k] == new_w[k]).all()]
+    assert not differing, f"weights differ after restart: {differing[:5]}"
+
+    c = MlflowClient(tracking)
+    runs = c.search_runs([c.get_experiment_by_name("fault").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == metrics["run_id"]
+    assert runs[0].info.status == "FINISHED"
