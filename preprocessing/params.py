@@ -87,28 +87,24 @@ class PreprocessParams:
     segment_seconds: float = 5.0  # longest segment (HDTF convention)
     min_seconds: float = 1.0  # shorter videos (after decoding) are rejected as too_short
     max_seconds_per_video: float = 0.0  # only the first N seconds of each video are used; 0 = all
-    decode_timeout_s: float = (
-        120.0  # per-video decode time limit; past it the video is rejected (decode_timeout)
-    )
+    # per-video decode time limit; past it the video is rejected (decode_timeout)
+    decode_timeout_s: float = 120.0
     landmark_backend: str = "auto"  # auto | dlib | face_alignment | sidecar
-    detect_every: int = 10  # dlib: run the face detector every N frames (and whenever tracking is lost)
+    detect_every: int = 10  # dlib: full-frame detection every N frames; a small-window re-detection between
     detect_max_side: int = 320  # dlib: longest side of the downscaled frame the detector sees
     min_face_px: int = 48  # faces whose landmark box side (source pixels) is below this are face_too_small
     min_face_fraction: float = 0.5  # fewer detector hits than this fraction of probed frames -> no_face
-    multi_face_fraction: float = (
-        0.5  # at least this fraction of probed frames with 2+ faces -> multiple_faces
-    )
-    tube_min_iou: float = (
-        0.6  # a new face tube when the face box's IoU with the tube's first box drops below this
-    )
+    # at least this fraction of probed frames with 2+ faces -> multiple_faces
+    multi_face_fraction: float = 0.5
+    # a new face tube when the face box's IoU with the tube's first box drops below this
+    tube_min_iou: float = 0.5
     crop_scale: float = 1.8  # crop side / landmark box side (FOMM-like margin around the face)
     crop_shift_up: float = 0.12  # move the crop centre up by this fraction of the landmark box (forehead)
     jpeg_quality: int = 95  # JPEG quality of stored frames
     pairs_per_segment: int = 2  # mouth-swap and eye-swap pairs per segment, each
     mask_feather: float = 0.1  # Gaussian feather (sigma) of swap masks, as a fraction of the region's size
-    min_speech_ratio: float = (
-        0.3  # a segment, or its whole video, with less speech activity is flagged no_speech
-    )
+    # a segment, or its whole video, with less speech activity is flagged no_speech
+    min_speech_ratio: float = 0.3
     speech_encoder: str = ""  # local HuBERT-like model folder for speech_states; "" = none
     asr_model: str = ""  # local Whisper-like model folder for transcripts without a sidecar; "" = none
     default_split: str = "train"  # split of sources that name none (train|val|test)

@@ -34,6 +34,19 @@ SPLITS = ("train", "val", "test")
 # ---- per-source work ---------------------------------------------------------------------------------------------
 
 
+class _Clock:
+    """Seconds spent per stage of one source (reported in _stats.json and used by bench/preprocess.py)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 def _parquet_bytes(rows: list[dict], table_schema: pa.Schema) -> bytes:
     table = pa.Table.from_pylist(rows, schema=table_schema)
     buf = io.BytesIO()
@@ -58,6 +71,16 @@ class SourceProcessor:
         self._backend = None
         self._encoder = None
         self._transcriber = None
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay one-time costs (landmark model load, librosa's first-call JIT) when the worker starts, so each
+        source's timing is its own."""
+        from preprocessing import audio
+
+        audio.mel_windows(np.zeros(2 * schema.SAMPLES_PER_FRAME, np.float32), 2)
+        if self.p.landmark_backend != "sidecar":
+            self.backend()
 
     # lazily built models ------------------------------------------------------------------------------------------
     def backend(self):
@@ -158,6 +181,7 @@ class SourceProcessor:
         from preprocessing.landmarks import SidecarBackend
 
         p = self.p
+        clock = _Clock()
         side = self._sidecar(src)
         speaker = (
             src.speaker
@@ -177,6 +201,7 @@ class SourceProcessor:
         video = decode_video(path, p.fps, p.max_seconds_per_video, p.decode_timeout_s)
         frames = video.frames
         count = len(frames)
+        clock.lap("decode")
         min_frames = max(3, int(round(p.min_seconds * p.fps)))
         if count < min_frames:
             raise schema.RejectError(
@@ -212,6 +237,8 @@ class SourceProcessor:
                 f"{p.min_face_px}; use a higher-resolution video",
             )
 
+        clock.lap("landmarks")
+
         # 3. audio: the container's track, else the .wav sidecar
         flags: list[str] = []
         wave = None
@@ -236,6 +263,8 @@ class SourceProcessor:
             speech = np.zeros(count, bool)
             video_speech = 0.0
 
+        clock.lap("audio")
+
         # 4. transcript of the whole video (manifest, .txt, .json); per-segment ASR below when none
         from preprocessing.transcripts import resolve_transcript
 
@@ -256,6 +285,8 @@ class SourceProcessor:
             box = tubes.tube_box(lms_src, p.crop_scale, p.crop_shift_up)
             crops = tubes.crop(frames[start:end], box, p.size)
             lms = tubes.to_crop(lms_src, box, p.size)
+            jpegs = [schema.encode_jpeg(f, p.jpeg_quality) for f in crops]
+            clock.lap("crop_encode")
             t_len = end - start
             seg_wave = wave[start * schema.SAMPLES_PER_FRAME : end * schema.SAMPLES_PER_FRAME]
             ratio = float(speech[start:end].mean()) if has_audio else 0.0
@@ -271,6 +302,8 @@ class SourceProcessor:
             seg_text = text
             if not seg_text and self.transcriber() is not None and speaks:
                 seg_text = self.transcriber().transcribe(seg_wave).strip()
+            mel = audio.mel_windows(seg_wave, t_len)
+            clock.lap("audio_features")
             seg_rows.append(
                 {
                     "segment_id": seg_id,
@@ -283,11 +316,11 @@ class SourceProcessor:
                     "num_frames": t_len,
                     "fps": p.fps,
                     "size": p.size,
-                    "frames": [schema.encode_jpeg(f, p.jpeg_quality) for f in crops],
+                    "frames": jpegs,
                     "landmarks": schema.f32_bytes(lms),
                     "box": [float(v) for v in box],
                     "audio": schema.f32_bytes(seg_wave),
-                    "mel": schema.f32_bytes(audio.mel_windows(seg_wave, t_len)),
+                    "mel": schema.f32_bytes(mel),
                     "has_audio": has_audio,
                     "speech_ratio": ratio,
                     "audio_usable": speaks,
@@ -319,8 +352,13 @@ class SourceProcessor:
                             "mask_on_a": schema.encode_png(pair["mask_on_a"]),
                         }
                     )
+            clock.lap("pairs")
         if not seg_rows:
-            raise schema.RejectError(schema.NO_FACE, "tubes", f"{src.uri}: no face tube of at least 3 frames")
+            raise schema.RejectError(
+                schema.NO_FACE,
+                "tubes",
+                f"{src.uri}: no steady face tube of at least {tubes.MIN_PIECE} frames (the face jumps every few frames)",
+            )
         # pairs first: the segments file is the "done" marker
         storage.write_bytes_atomic(
             storage.join(self.output, "pairs", f"{src.hash}.parquet"), _parquet_bytes(pair_rows, schema.PAIRS)
@@ -329,8 +367,10 @@ class SourceProcessor:
             storage.join(self.output, "segments", f"{src.hash}.parquet"),
             _parquet_bytes(seg_rows, schema.SEGMENTS),
         )
+        clock.lap("write")
         all_flags = sorted({f for r in seg_rows for f in r["flags"]})
         return {
+            "stage_seconds": {k: round(v, 4) for k, v in clock.times.items()},
             "segments": len(seg_rows),
             "frames": int(sum(r["num_frames"] for r in seg_rows)),
             "pairs": len(pair_rows),

@@ -15,8 +15,10 @@ from preprocessing.landmarks import landmark_box
 JUMP = 0.35
 # tubes shorter than this many frames (~0.5 s) are too short to train on: left out and counted
 MIN_PIECE = 13
+# a tube is cut for drift (not for a jump) only once it is this long (1 s)
+MIN_TUBE = 25
 # default: a new tube when the face box's IoU with the tube's first box falls below this
-TUBE_MIN_IOU = 0.6
+TUBE_MIN_IOU = 0.5
 
 
 def face_geometry(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +37,16 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def rigid_box(landmarks: np.ndarray) -> np.ndarray:
+    """(T,68,2) -> (T,4) square boxes from the brows, eyes and nose only, so talking (the jaw and lips move) does not
+    change them; side = 1.5 x brow-to-brow width (about the face's size)."""
+    pts = landmarks[:, 17:48]
+    lo, hi = pts.min(1), pts.max(1)
+    centre = (lo + hi) / 2
+    half = 0.75 * (hi[:, :1] - lo[:, :1])
+    return np.concatenate([centre - half, centre + half], axis=1)
+
+
 def split_tubes(landmarks: np.ndarray, min_iou: float = TUBE_MIN_IOU) -> list[tuple[int, int]]:
     """[start, end) face tubes: a new tube at a cut (the face jumps between two frames) or when the face's landmark
     box has moved or grown so much that its IoU with the tube's first box falls below `min_iou` (as FOMM's crop
@@ -42,12 +54,13 @@ def split_tubes(landmarks: np.ndarray, min_iou: float = TUBE_MIN_IOU) -> list[tu
     t_len = len(landmarks)
     if t_len == 0:
         return []
-    boxes = landmark_box(landmarks)
+    boxes = rigid_box(landmarks)
     centres, sides = face_geometry(landmarks)
     tubes, start = [], 0
     for t in range(1, t_len):
         jump = np.linalg.norm(centres[t] - centres[t - 1]) > JUMP * max(sides[t - 1], 1.0)
-        if jump or _iou(boxes[start], boxes[t]) < min_iou:
+        # a drift cut only after MIN_TUBE frames: a head that shakes fast would otherwise give a pile of slivers
+        if jump or (t - start >= MIN_TUBE and _iou(boxes[start], boxes[t]) < min_iou):
             tubes.append((start, t))
             start = t
     tubes.append((start, t_len))
