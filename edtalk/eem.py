@@ -26,11 +26,15 @@ class AdaIN(nn.Module):
         self.gamma = EqualLinear(hidden, channels)
         self.beta = EqualLinear(hidden, channels)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def modulate(self, normalized: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Scale and shift already instance-normalised features (broadcasts a batch-1 input over cond's batch)."""
         h = self.shared(cond)
-        gamma = self.gamma(h)[:, :, None, None].to(x.dtype)
-        beta = self.beta(h)[:, :, None, None].to(x.dtype)
-        return F.instance_norm(x) * (1.0 + gamma) + beta
+        gamma = self.gamma(h)[:, :, None, None].to(normalized.dtype)
+        beta = self.beta(h)[:, :, None, None].to(normalized.dtype)
+        return normalized * (1.0 + gamma) + beta
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.modulate(F.instance_norm(x), cond)
 
 
 class EEMBlock(nn.Module):
@@ -43,10 +47,16 @@ class EEMBlock(nn.Module):
         self.conv2 = EqualConv2d(channels, channels, 3, padding=1)
         self.norm2 = AdaIN(channels, cond_dim, hidden)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != cond.shape[0]:
-            x = x.expand(cond.shape[0], -1, -1, -1)  # one identity, many frames
-        h = F.leaky_relu(self.norm1(self.conv1(x), cond), LRELU_SLOPE)
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The part that depends on the identity only: instance_norm(conv1(f^id)). Computed once per identity
+        (batch 1 broadcasts over the frames), not once per frame."""
+        return F.instance_norm(self.conv1(x))
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, prepared: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        normalized = self.prepare(x) if prepared is None else prepared
+        h = F.leaky_relu(self.norm1.modulate(normalized, cond), LRELU_SLOPE)
         return x + self.norm2(self.conv2(h), cond)
 
 
@@ -57,7 +67,22 @@ class EEM(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(EEMBlock(c, cond_dim, hidden) for c in channels)
 
-    def forward(self, features: Sequence[torch.Tensor], expression: torch.Tensor) -> list[torch.Tensor]:
+    def prepare(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-scale identity-only parts (see EEMBlock.prepare), to reuse across render calls."""
+        return [block.prepare(f) for block, f in zip(self.blocks, features, strict=True)]
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor],
+        expression: torch.Tensor,
+        prepared: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         if len(features) != len(self.blocks):
             raise ValueError(f"EEM: got {len(features)} feature maps, expected {len(self.blocks)}")
-        return [block(f, expression) for block, f in zip(self.blocks, features, strict=True)]
+        n = expression.shape[0]
+        if n > 1 and all(f.shape[0] == 1 for f in features) and bool((expression == expression[:1]).all()):
+            # One identity, one expression for every frame (a clip-level emotion): compute once, broadcast.
+            out = self.forward(features, expression[:1], prepared)
+            return [f.expand(n, -1, -1, -1) for f in out]
+        prepared = prepared if prepared is not None else [None] * len(self.blocks)
+        return [block(f, expression, p) for block, f, p in zip(self.blocks, features, prepared, strict=True)]

@@ -54,6 +54,9 @@ class Identity:
     latent: torch.Tensor
     features: list[torch.Tensor]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Inference-only memo of identity-dependent EEM work (filled by EDTalk.render without autograd; keyed by the
+    # EEM parameters' versions, so it is never reused after the weights change).
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -174,8 +177,28 @@ class EDTalk(nn.Module):
         latent = latent + torch.stack(list(motion.values())).sum(0)
         feats = identity.features
         if self.eem is not None and "expression" in motion:
-            feats = self.eem(feats, motion["expression"])
+            feats = self._eem_features(identity, motion["expression"])
         return self.generator(latent, feats)
+
+    def _eem_features(self, identity: Identity, f_e: torch.Tensor) -> list[torch.Tensor]:
+        """EEM(f^id, f^{r->e}); without autograd, the identity-only part (and the whole result for a repeated
+        expression) is memoised on the Identity."""
+        if torch.is_grad_enabled() or identity.batch_size != 1:
+            return self.eem(identity.features, f_e)
+        key = (tuple(p._version for p in self.eem.parameters()), f_e.dtype, f_e.device)
+        cache = identity.cache
+        if cache.get("eem_key") != key:
+            cache.clear()
+            cache["eem_key"] = key
+            cache["eem_prepared"] = self.eem.prepare(identity.features)
+        constant = bool((f_e == f_e[:1]).all())
+        last = cache.get("eem_last")
+        if constant and last is not None and torch.equal(last[0], f_e[:1]):
+            return [f.expand(f_e.shape[0], -1, -1, -1) for f in last[1]]
+        out = self.eem(identity.features, f_e, cache["eem_prepared"])
+        if constant:
+            cache["eem_last"] = (f_e[:1].clone(), [f[:1] for f in out])
+        return out
 
     def reconstruct_lia(self, src: torch.Tensor, drv: torch.Tensor) -> torch.Tensor:
         """Autoencoder stage: render src's identity with drv's motion through the single LIA bank."""

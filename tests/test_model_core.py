@@ -281,3 +281,29 @@ def test_config_round_trip_and_validation() -> None:
     assert cfg.eye_flow is None or cfg.eye_flow.dim == 8  # the flow follows the bank it drives
     with pytest.raises(ValueError, match="unknown key 'eyes'"):
         ModelConfig.from_params({"preset": "tiny", "overrides": {"navigation": {"eyes": 8}}})
+
+
+def test_inference_memo_of_eem_matches_and_follows_weight_changes() -> None:
+    torch.manual_seed(0)
+    model = EDTalk(ModelConfig.preset("tiny")).eval()
+    src, drv = _images(1, seed=11), _images(4, seed=12)
+    w = model.extract(drv)
+    w_const = {**w, "expression": w["expression"][:1].expand(4, -1)}  # one clip-level expression
+    with torch.enable_grad():  # the plain path, no memo
+        ref = model.render(model.encode_identity(src), w_const).detach()
+        ref_var = model.render(model.encode_identity(src), w).detach()
+    with torch.no_grad():
+        ident = model.encode_identity(src)
+        first = model.render(ident, w_const)
+        again = model.render(ident, w_const)  # served from the memo
+        varying = model.render(ident, w)
+        assert "eem_prepared" in ident.cache and "eem_last" in ident.cache
+        model.eem.blocks[0].conv2.weight.mul_(2.0)  # weights change: the memo must not be reused
+        changed = model.render(ident, w_const)
+    torch.testing.assert_close(first, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(varying, ref_var, atol=1e-4, rtol=1e-4)
+    with torch.enable_grad():
+        fresh = model.render(model.encode_identity(src), w_const).detach()
+    torch.testing.assert_close(changed, fresh, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(changed, ref, atol=1e-3)
