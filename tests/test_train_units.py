@@ -1,0 +1,135 @@
+"""Fast checks of the training runtime's parts: params, data split and sample builders, batches, lineage helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipelines.train import data
+from pipelines.train.config import TrainParams, fingerprint, load_train_params, semantic_train_params
+from preprocessing.params import ParamsError
+from preprocessing.schema import encode_jpeg
+
+
+def test_train_params_validate_and_override(tmp_path):
+    with pytest.raises(ParamsError, match="zero_stage"):
+        TrainParams(zero_stage=4)
+    with pytest.raises(ParamsError, match="fail_rank"):
+        TrainParams(workers=2, fail_rank=2)
+    p = tmp_path / "p.yaml"
+    p.write_text("train:\n  batch_size: 3\n")
+    tp = load_train_params(p, ["train.workers=3", "other.x=1"])
+    assert (tp.batch_size, tp.workers) == (3, 3)
+    with pytest.raises(ParamsError, match="unknown key"):
+        load_train_params(p, ["train.bogus=1"])
+    assert TrainParams(precision="auto").compute_dtype == "fp32"
+    assert TrainParams(precision="auto", use_gpu=True).compute_dtype == "bf16"
+
+
+def test_fingerprint_ignores_runtime_only_keys():
+    a = semantic_train_params(TrainParams())
+    b = semantic_train_params(TrainParams(fail_at_step=3, log_every=1, storage_path="elsewhere"))
+    c = semantic_train_params(TrainParams(seed=1))
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+
+
+def test_val_split_uses_column_else_stable_hash():
+    splits = {"a": "train", "b": "val", "c": "test", "d": "train"}
+    train, val, how = data.train_val_ids(splits, 0.5)
+    assert (train, val, how) == (["a", "d"], ["b"], "split column")
+    only_train = {f"s{i}": "train" for i in range(10)}
+    t1, v1, how = data.train_val_ids(only_train, 0.2)
+    t2, v2, _ = data.train_val_ids(dict(reversed(list(only_train.items()))), 0.2)
+    assert (t1, v1) == (t2, v2) and len(v1) == 2 and not set(t1) & set(v1) and "hash" in how
+    assert data.train_val_ids({"x": "train"}, 0.2)[:2] == (["x"], ["x"])
+    with pytest.raises(data.DataError, match="test split"):
+        data.train_val_ids({"x": "test"}, 0.2)
+
+
+def _segment(seg_id: str, t: int = 6, size: int = 16) -> dict:
+    frames = [encode_jpeg(np.full((size, size, 3), 20 * i, np.uint8)) for i in range(t)]
+    return {"segment_id": seg_id, "num_frames": t, "frames": frames}
+
+
+def test_frame_pairs_are_seeded_and_bad_rows_are_skipped(caplog):
+    row = _segment("seg-1")
+    a = data.frame_pairs(4, seed=7)(row)
+    b = data.frame_pairs(4, seed=7)(row)
+    c = data.frame_pairs(4, seed=8)(row)
+    assert len(a) == 4 and a[0]["source"].shape == (16, 16, 3) and a[0]["source"].dtype == np.uint8
+    assert all(
+        (x["source"] == y["source"]).all() and (x["driving"] == y["driving"]).all()
+        for x, y in zip(a, b, strict=True)
+    )
+    assert any((x["source"] != y["source"]).any() for x, y in zip(a, c, strict=True))
+    bad = {**row, "segment_id": "seg-bad", "frames": [b"not a jpeg"] * 6}
+    assert data.frame_pairs(2, seed=0)(bad) == []
+    assert "seg-bad" in caplog.text
+
+
+def test_to_model_inputs_scales_and_resizes():
+    batch = {
+        "img": torch.full((2, 32, 32, 3), 255, dtype=torch.uint8),
+        "mask": torch.zeros((2, 32, 32), dtype=torch.uint8),
+        "w": torch.ones(2, 3),
+    }
+    out = data.to_model_inputs(batch, "cpu", image_size=16)
+    assert out["img"].shape == (2, 3, 16, 16) and torch.allclose(out["img"], torch.ones(()))
+    assert out["mask"].shape == (2, 1, 16, 16) and out["mask"].max() == 0
+    assert torch.equal(out["w"], batch["w"])
+
+
+def test_grid_image_layout():
+    from pipelines.train.runner import grid_image
+
+    cols = {"a": torch.zeros(3, 3, 8, 8), "b": torch.ones(3, 3, 8, 8)}
+    img = grid_image(cols)
+    assert img.shape == (24, 16, 3) and img.dtype == np.uint8
+    assert img[:, :8].max() == 128 and img[:, 8:].min() == 255
+
+
+def test_stage_registry_and_cli_errors():
+    from pipelines.cli import cli
+    from pipelines.train import stages
+
+    assert stages.get("autoencoder").adversarial and stages.get("mouth_pose").upstream == ("autoencoder",)
+    with pytest.raises(KeyError, match="known stages"):
+        stages.get("nope")
+    result = CliRunner().invoke(cli, ["train", "nope"])
+    assert result.exit_code != 0 and "nope" in result.output
+
+
+def test_mlflow_run_is_resumed_from_the_run_dir(tmp_path):
+    from pipelines import lineage
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    run_dir = str(tmp_path / "ray" / "run-x")
+    rid, exp, resumed = lineage.start_or_resume(run_dir, "exp", "autoencoder", uri)
+    assert not resumed
+    lineage.end_run(rid, uri, "FAILED")
+    rid2, exp2, resumed = lineage.start_or_resume(run_dir, "exp", "autoencoder", uri)
+    assert (rid2, exp2, resumed) == (rid, exp, True)
+    assert lineage.client(uri).get_run(rid).info.status == "RUNNING"
+    assert json.loads((tmp_path / "ray" / "run-x" / lineage.RUN_ID_FILE).read_text())["run_id"] == rid
+
+
+def test_dvc_md5_of_files_and_dirs(tmp_path):
+    from pipelines import lineage
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "x.bin").write_bytes(b"abc")
+    (tmp_path / "d" / "sub" / "y.bin").write_bytes(b"def")
+    assert lineage.dvc_md5(tmp_path / "d" / "x.bin") == hashlib.md5(b"abc").hexdigest()
+    listing = [
+        {"md5": hashlib.md5(b"def").hexdigest(), "relpath": "sub/y.bin"},
+        {"md5": hashlib.md5(b"abc").hexdigest(), "relpath": "x.bin"},
+    ]
+    expected = hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+    assert lineage.dvc_md5(tmp_path / "d") == expected
+    with pytest.raises(FileNotFoundError):
+        lineage.dvc_md5(tmp_path / "missing")
