@@ -1,0 +1,211 @@
+"""Per-frame rendering latency of the paper preset on this CPU (random weights): naive path vs fast path.
+
+naive: for every frame, re-encode the identity image and render that one frame (batch 1, fp32, no_grad) — what the
+       reference demo does.
+fast:  encode the identity once, render frames in batches under torch.inference_mode, channels-last memory; the
+       EEM's identity-only half runs once per identity (and all of it once per clip-level expression).
+fast_bf16: the fast path under CPU bf16 autocast (AMX/AVX512-BF16 where present), reported with its own error.
+
+Two driving scenarios, both rendering all four spaces: `per_frame_expression` (expression weights change every
+frame: video-driven) and `clip_expression` (one expression per clip: the audio-driven predictor of Eq. 15, or an
+emotion's mean weights). Rounds alternate naive and fast so both see the same machine load; medians are reported.
+
+Usage: python bench/model.py [--frames 8] [--batch 8] [--rounds 3]
+Writes bench/results/model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+IDENTITY_IMAGE = ROOT.parent / "shared" / "media" / "images" / "SadTalker__happy.png"
+
+
+def _log(msg: str) -> None:
+    print(f"[bench/model {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _identity_image(size: int) -> tuple[torch.Tensor, str]:
+    if IDENTITY_IMAGE.is_file():
+        import cv2
+
+        bgr = cv2.imread(str(IDENTITY_IMAGE))
+        rgb = cv2.resize(bgr[:, :, ::-1], (size, size), interpolation=cv2.INTER_AREA)
+        img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        return img.unsqueeze(0), IDENTITY_IMAGE.name
+    return torch.rand(1, 3, size, size) * 2 - 1, "random"
+
+
+def _bf16_supported() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _slice(weights: dict[str, torch.Tensor], a: int, b: int) -> dict[str, torch.Tensor]:
+    return {k: v[a:b] for k, v in weights.items()}
+
+
+def run_naive(model, img, weights) -> tuple[torch.Tensor, float]:
+    n = next(iter(weights.values())).shape[0]
+    outs = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for t in range(n):
+            ident = model.encode_identity(img)
+            outs.append(model.render(ident, _slice(weights, t, t + 1)))
+    return torch.cat(outs), (time.perf_counter() - t0) / n
+
+
+def run_fast(model, img, weights, batch: int, bf16: bool = False) -> tuple[torch.Tensor, float]:
+    n = next(iter(weights.values())).shape[0]
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    outs = []
+    t0 = time.perf_counter()
+    with torch.inference_mode(), ctx:
+        ident = model.encode_identity(img)  # once per clip, counted in the per-frame time
+        for a in range(0, n, batch):
+            outs.append(model.render(ident, _slice(weights, a, a + batch)))
+    return torch.cat(outs).float(), (time.perf_counter() - t0) / n
+
+
+def gflops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # With autograd on: FlopCounterMode's module tracker trips over no_grad outputs in this torch version.
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=8, help="frames rendered per round and path")
+    parser.add_argument("--batch", type=int, default=8, help="frames per render call on the fast path")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating naive/fast rounds (median reported)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
+    args = parser.parse_args()
+
+    from edtalk import EDTalk, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("paper")
+    cfg.expression_predictor = None  # not on the rendering path (and its checkpoints are not on this machine)
+    model = EDTalk(cfg).eval()
+    counts = model.parameter_counts()
+    fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    img, img_name = _identity_image(cfg.image_size)
+    img_cl = img.contiguous(memory_format=torch.channels_last)
+    _log(f"paper preset built: generator+EEM {counts['generator_with_eem']:,} params; identity {img_name}")
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        own = model.encode_identity(img).weights
+    per_frame = {s: w + 0.3 * torch.randn(args.frames, w.shape[1], generator=g) for s, w in own.items()}
+    clip = {**per_frame, "expression": per_frame["expression"][:1].expand(args.frames, -1).contiguous()}
+    scenarios = {"per_frame_expression": per_frame, "clip_expression": clip}
+    bf16 = _bf16_supported()
+
+    flops_encode = gflops(lambda: model.encode_identity(img))
+    with torch.no_grad():
+        ident = model.encode_identity(img)
+    flops_render = gflops(lambda: model.render(ident, _slice(per_frame, 0, 1)))
+    flops_decoder = gflops(lambda: model.generator(ident.latent, ident.features))
+    _log(
+        f"GFLOPs per frame: encode {flops_encode:.1f}, render {flops_render:.1f} (G alone {flops_decoder:.1f})"
+    )
+
+    load_before = os.getloadavg()
+    results = {}
+    for name, weights in scenarios.items():
+        times = {"naive": [], "fast": [], "fast_bf16": []}
+        outs = {}
+        # Warm-up (first-call allocations, oneDNN primitive creation), not timed.
+        run_fast(fast_model, img_cl, _slice(weights, 0, args.batch), args.batch)
+        run_naive(model, img, _slice(weights, 0, 1))
+        if bf16:
+            run_fast(fast_model, img_cl, _slice(weights, 0, args.batch), args.batch, bf16=True)
+        for r in range(args.rounds):
+            outs["naive"], t = run_naive(model, img, weights)
+            times["naive"].append(t)
+            outs["fast"], t = run_fast(fast_model, img_cl, weights, args.batch)
+            times["fast"].append(t)
+            if bf16:
+                outs["fast_bf16"], t = run_fast(fast_model, img_cl, weights, args.batch, bf16=True)
+                times["fast_bf16"].append(t)
+            _log(
+                f"{name} round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms/frame" for k, v in times.items() if v)
+            )
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
+        res = {
+            "ms_per_frame_naive": round(med["naive"], 1),
+            "ms_per_frame_fast": round(med["fast"], 1),
+            "speedup": round(med["naive"] / med["fast"], 2),
+            "max_abs_diff": float((outs["fast"] - outs["naive"]).abs().max()),
+            "output_abs_max": float(outs["naive"].abs().max()),
+        }
+        if bf16:
+            res["ms_per_frame_fast_bf16"] = round(med["fast_bf16"], 1)
+            res["speedup_bf16"] = round(med["naive"] / med["fast_bf16"], 2)
+            res["max_abs_diff_bf16"] = float((outs["fast_bf16"] - outs["naive"]).abs().max())
+            res["mean_abs_diff_bf16"] = float((outs["fast_bf16"] - outs["naive"]).abs().mean())
+        res["all_ms_per_frame"] = {k: [round(x * 1e3, 1) for x in v] for k, v in times.items() if v}
+        results[name] = res
+        _log(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'all_ms_per_frame'})}")
+
+    head = results["per_frame_expression"]
+    report = {
+        "params_generator": counts["generator_with_eem"],
+        "params_discriminator": counts["discriminator"],
+        "params": {k: v for k, v in counts.items() if v},
+        "ms_per_frame_naive": head["ms_per_frame_naive"],
+        "ms_per_frame_fast": head["ms_per_frame_fast"],
+        "speedup": head["speedup"],
+        "max_abs_diff": head["max_abs_diff"],
+        "scenarios": results,
+        "gflops_per_frame": {
+            "encode_identity": round(flops_encode, 1),
+            "render": round(flops_render, 1),
+            "generator_only": round(flops_decoder, 1),
+            "eem": round(flops_render - flops_decoder, 1),
+        },
+        "settings": {
+            "preset": "paper",
+            "frames": args.frames,
+            "batch": args.batch,
+            "rounds": args.rounds,
+            "identity_image": img_name,
+            "bf16_autocast": bf16,
+        },
+        "conditions": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    _log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
