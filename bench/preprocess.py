@@ -52,15 +52,15 @@ class PeakRSS:
         self._thread.join()
 
 
-def decode_only(files: list[str], max_seconds: float) -> tuple[int, float]:
-    """decord, one thread, the same 25 fps frame selection the pipeline makes: (frames, seconds)."""
+def decode_only(files: list[str], max_seconds: float) -> tuple[int, float, float]:
+    """decord, one thread, the same 25 fps frame selection the pipeline makes: (frames, seconds, CPU seconds)."""
     from preprocessing.decode import decode_video
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     frames = 0
     for f in files:
         frames += len(decode_video(f, 25.0, max_seconds, 1e9).frames)
-    return frames, time.perf_counter() - t0
+    return frames, time.perf_counter() - t0, time.process_time() - c0
 
 
 def end_to_end(files: list[str], workers: int, max_seconds: float) -> dict:
@@ -79,12 +79,16 @@ def end_to_end(files: list[str], workers: int, max_seconds: float) -> dict:
         for k, v in s.get("stage_seconds", {}).items():
             stages[k] = stages.get(k, 0.0) + v
     busy = sum(s["seconds"] for s in stats["sources"])
+    cpu = sum(s["cpu_seconds"] for s in stats["sources"])
     return {
         "frames": stats["frames"],
         "seconds": round(seconds, 2),
         "frames_per_s": round(stats["frames"] / seconds, 1),
         # per-source processing only (no Ray/actor start-up): what a long run converges to
         "steady_frames_per_s": round(stats["frames"] / (busy / workers), 1),
+        # frames per CPU-second of the workers: per-core throughput, robust to other load on the machine
+        "frames_per_cpu_s": round(stats["frames"] / cpu, 1),
+        "cpu_seconds": round(cpu, 2),
         "rejects": stats["rejects"],
         "stage_seconds": {k: round(v, 2) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
     }
@@ -109,7 +113,7 @@ def main() -> None:
     load_before = os.getloadavg()
     print(f"{len(files)} videos, <= {args.max_seconds:g} s each; warming up", flush=True)
     decode_only(files[:1], 1.0)  # imports and codec init outside the timings
-    frames0, sec0 = decode_only(files, args.max_seconds)
+    frames0, sec0, cpu0 = decode_only(files, args.max_seconds)
     print(f"decode only: {frames0} frames in {sec0:.1f} s = {frames0 / sec0:.0f} frames/s", flush=True)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
@@ -129,6 +133,9 @@ def main() -> None:
         "steady_frames_per_s_2workers": two["steady_frames_per_s"],
         "decode_only_frames_per_s": round(frames0 / sec0, 1),
         "end_to_end_over_decode_1worker": round(one["frames_per_s"] / (frames0 / sec0), 3),
+        "frames_per_cpu_s_1worker": one["frames_per_cpu_s"],
+        "frames_per_cpu_s_2workers": two["frames_per_cpu_s"],
+        "decode_only_frames_per_cpu_s": round(frames0 / cpu0, 1),
         "peak_rss_mb": round(mem.peak / 2**20),
         "videos": len(files),
         "max_seconds_per_video": args.max_seconds,

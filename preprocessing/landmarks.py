@@ -24,9 +24,9 @@ FA_WEIGHTS = ("s3fd-619a316812.pth", "2DFAN4-11f355bf06.pth.tar")
 # a second detection counts as a face when its side is at least this x the largest one's
 MULTI_FACE_SIDE = 0.5
 # between full detections the face is re-detected in a window ROI_SPAN x its box, scaled so the face is ROI_FACE px
-ROI_SPAN = 1.8
+ROI_SPAN = 1.5
 CNN_MAX_SIDE = 320  # still images: longest side the CNN fallback detector sees
-ROI_FACE = 100.0
+ROI_FACE = 90.0
 
 
 class FaceNotFoundError(ValueError):

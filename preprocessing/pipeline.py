@@ -108,7 +108,7 @@ class SourceProcessor:
     # entry point ---------------------------------------------------------------------------------------------------
     def __call__(self, row: dict) -> dict:
         src = Source(**row)
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         summary = {
             "source": src.uri,
             "hash": src.hash,
@@ -135,6 +135,8 @@ class SourceProcessor:
             except Exception as exc2:  # cannot even write the reject (storage down): report, do not mark done
                 summary.update(status="error", reason=f"{type(exc2).__name__}: {exc2}")
         summary["seconds"] = time.monotonic() - t0
+        # CPU seconds of this worker process (decoder threads included): throughput per core on a shared machine
+        summary["cpu_seconds"] = time.process_time() - c0
         return summary
 
     def reject(self, src: Source, step: str, reason: str, message: str) -> None:

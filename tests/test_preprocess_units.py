@@ -317,3 +317,34 @@ def test_sidecar_landmarks_labels_factors_and_transcript(media_dir, tmp_path, dl
     assert seg["factors"]["yaw"] == factors["yaw"][: seg["num_frames"]]
     assert "no_audio" in seg["flags"] and not seg["audio_usable"]
     assert len(read_rows(str(out), "pairs")) == 2  # one mouth + one eye
+
+
+def test_speech_encoder_states_per_segment(media_dir, tmp_path):
+    """preprocess.speech_encoder set: each segment carries (T, D) hidden states at 25 fps (tiny random HuBERT)."""
+    import torch
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    from preprocessing.dataset import read_rows
+    from preprocessing.pipeline import SourceProcessor
+
+    model_dir = tmp_path / "hubert"
+    config = HubertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    torch.manual_seed(0)
+    HubertModel(config).save_pretrained(model_dir)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000).save_pretrained(model_dir)
+    (src,) = hash_all(discover(str(media_dir / "videos" / "EDTalk__mouth_source_muxed.mp4")))
+    params = PreprocessParams(max_seconds_per_video=2.0, speech_encoder=str(model_dir), pairs_per_segment=0)
+    summary = SourceProcessor(params.to_dict(), str(tmp_path / "out"))(src.to_dict())
+    assert summary["status"] == "segments", summary
+    for row in read_rows(str(tmp_path / "out"), "segments"):
+        seg = schema.decode_segment(row)
+        assert seg["has_audio"] and seg["speech_states"].shape == (seg["num_frames"], 16)
+        assert np.isfinite(seg["speech_states"]).all() and seg["speech_states"].std() > 0
