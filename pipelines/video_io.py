@@ -62,7 +62,9 @@ class VideoWriter:
         self.video = self.container.add_stream("libx264", rate=fps)
         self.video.width, self.video.height = width, height
         self.video.pix_fmt = "yuv420p"
-        self.video.options = {"crf": str(crf), "preset": preset}
+        # one encoder thread: x264's frame threads made the bitstream vary from run to run under CPU load
+        # (measured here), and a generated video should be reproducible; encoding is a small share of the time
+        self.video.options = {"crf": str(crf), "preset": preset, "threads": "1"}
         self.video.codec_context.time_base = Fraction(1, fps)
         self.audio = None
         if sample_rate:
