@@ -133,3 +133,10 @@ def test_dvc_md5_of_files_and_dirs(tmp_path):
     assert lineage.dvc_md5(tmp_path / "d") == expected
     with pytest.raises(FileNotFoundError):
         lineage.dvc_md5(tmp_path / "missing")
+
+
+def test_zero3_is_refused_with_a_clear_error_for_edtalk_stages():
+    from pipelines.train.runner import run_stage
+
+    with pytest.raises(ParamsError, match="ZeRO-3"):
+        run_stage("autoencoder", None, ["train.zero_stage=3"])

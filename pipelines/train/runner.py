@@ -33,7 +33,7 @@ from pipelines.train.config import (
     semantic_train_params,
 )
 from preprocessing import storage
-from preprocessing.params import load_section
+from preprocessing.params import ParamsError, load_section
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def worker_loop(config: dict) -> None:
     run_id, uri = spec.run_id, spec.tracking_uri
     train_shard = ray.train.get_dataset_shard("train")
     # Validation samples were taken once on the driver: every rank scores the same ones (collective under ZeRO-3).
-    val_batches = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in (val_samples or [])]
+    val_batches = [{k: torch.from_numpy(np.array(v)) for k, v in b.items()} for b in (val_samples or [])]
     grid_batch = val_batches[0] if val_batches else None
 
     image_size = getattr(getattr(nets.model, "config", None), "image_size", None)
@@ -185,6 +185,8 @@ def worker_loop(config: dict) -> None:
 
     def report(final: bool) -> None:
         metrics = {"step": state["step"], **state["logs"]}
+        # Throughput of the training steps alone (no data wait, validation or checkpoints), whole run so far.
+        metrics["step_samples_per_s"] = state["samples"] / max(state["train_s"], 1e-9)
         tmp = checkpoint.save(engines, state, rank, final_export if final else None)
         try:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp.name))
@@ -319,6 +321,11 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     tp = load_train_params(params_path, overrides)
     sp = load_stage_params(stage.params_cls, stage.name, params_path, overrides)
     model_section = load_section(params_path, "model", overrides)
+    if tp.zero_stage == 3 and not stage.zero3:
+        raise ParamsError(
+            f"train.zero_stage=3: stage {stage.name} does not support ZeRO-3 (its model reads parameters outside "
+            f"a module forward, which ZeRO-3 leaves partitioned); use train.zero_stage 0, 1 or 2"
+        )
     data_dir = _abs(tp.data_dir)
     models_dir = _abs(tp.models_dir)
 
@@ -454,12 +461,14 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
 
     final = dict(result.metrics or {})
     steps = int(final.pop("step", sp.steps))
+    step_rate = final.pop("step_samples_per_s", None)
     metrics = {
         "stage": stage.name,
         "steps": steps,
         "losses": {k: v for k, v in final.items() if k != "samples_per_s" and not k.startswith("val_")},
         "val_losses": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
-        "samples_per_s": final.get("samples_per_s"),
+        "samples_per_s": final.get("samples_per_s"),  # last progress window, wall clock
+        "step_samples_per_s": step_rate,  # whole run, step compute only
         "wall_s": round(wall_s, 2),
         "workers": tp.workers,
         "run_id": run_id,

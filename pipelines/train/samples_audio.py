@@ -4,8 +4,9 @@ Every builder is seeded by (seed, segment id) like the visual ones in `pipelines
 frames it uses, skips segments that are unusable for audio (`audio_usable` false: no audio or too little speech)
 and catches errors per row (a bad row is logged with its id and left out; it must not abort the dataset).
 
-Samples hold images as uint8 HxWx3 (the runner turns them into [-1, 1] tensors), landmarks as float32 (K,68,2)
-crop pixels, mel windows as float32 (K,80,16) (one contract window per video frame) and audio as float32 16 kHz.
+Samples hold images as uint8 HxWx3 (the runner turns them into [-1, 1] tensors and resizes them to the model's
+side), landmarks as float32 (K,68,2) in units of the crop side (x/S, y/S: valid at any resize), mel windows as
+float32 (K,80,16) (one contract window per video frame) and audio as float32 16 kHz.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _mel(row: dict, t: int) -> np.ndarray:
 
 
 def _landmarks(row: dict, t: int) -> np.ndarray:
-    return f32_array(row["landmarks"], (t, 68, 2))
+    """(T,68,2) landmarks as fractions of the crop side (the stored ones are crop pixels)."""
+    return f32_array(row["landmarks"], (t, 68, 2)) / np.float32(row["size"])
 
 
 def _guarded(name: str, row: dict, build: Callable[[], Iterator[dict]]) -> list[dict]:

@@ -115,6 +115,9 @@ class Stage:
     export: Callable = export_edtalk  # (nets, folder) -> writes the model folder models/NAME
     adversarial: bool = False  # two engines: the generator side and D (Nets.discriminator)
     row_filter: dict[str, Any] = field(default_factory=dict)  # column == value, e.g. {"kind": "mouth"}
+    # ZeRO-3 gathers a parameter only inside its module's forward; EDTalk reads its bases in helper methods (the
+    # QR of the banks), so EDTalk stages run under ZeRO 0-2 until those reads move into a forward.
+    zero3: bool = False
 
 
 def names() -> list[str]:

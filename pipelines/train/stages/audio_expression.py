@@ -28,7 +28,7 @@ class AudioExpressionParams:
     """The `audio_expression:` section of params.yaml."""
 
     steps: int = 20  # optimizer steps
-    lr: float = 1e-4  # Adam learning rate of the HuBERT transformer, RoBERTa and MLP_A^e
+    lr: float = 1e-3  # Adam learning rate of the HuBERT transformer, RoBERTa and MLP_A^e (paper-size: ~1e-5)
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.999  # Adam beta2
     window: int = (

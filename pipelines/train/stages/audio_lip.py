@@ -33,7 +33,7 @@ VISUAL_UPSTREAM = "expression"  # the last visual stage: its folder holds E, G a
 class AudioLipParams:
     """The `audio_lip:` section of params.yaml."""
 
-    steps: int = 20  # optimizer steps
+    steps: int = 15  # optimizer steps
     lr: float = 1e-3  # Adam learning rate of E_a and MLP_A^m
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.999  # Adam beta2
@@ -111,7 +111,11 @@ def sync_term(syncnet, fake: torch.Tensor, batch: dict) -> tuple[torch.Tensor, t
     b, k = batch["frames"].shape[:2]
     crop = syncnet.crop_settings
     cut = mouths(
-        fake.view(b, k, *fake.shape[1:]), batch["landmarks"], syncnet.config, crop["crop"], crop["crop_margin"]
+        fake.view(b, k, *fake.shape[1:]),
+        batch["landmarks"],
+        syncnet.config,
+        crop["crop"],
+        crop["crop_margin"],
     )
     video, audio = sync_windows(cut, batch["mel"], syncnet.config.n_frames)
     v = syncnet.embed_video(video.flatten(0, 1))

@@ -28,9 +28,7 @@ class FlowParams:
     """Shared fields of the flow stages' sections (`audio_pose:`, `audio_eye:`)."""
 
     steps: int = 40  # optimizer steps
-    lr: float = (
-        1e-2  # Adam learning rate of the flow (it is small; it must learn the weights' offset and scale)
-    )
+    lr: float = 1e-2  # Adam learning rate of the flow (small net; must learn the weights' offset and scale)
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.999  # Adam beta2
     window: int = 16  # N consecutive frames per sample (>= the flow's temporal context; >= 2 for L_tem)

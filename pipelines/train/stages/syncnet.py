@@ -60,11 +60,13 @@ class SyncNetParams:
 def mouths(
     frames: torch.Tensor, landmarks: torch.Tensor | None, cfg, crop: str, margin: float
 ) -> torch.Tensor:
-    """Face crops [B,K,3,S,S] (+ landmarks [B,K,68,2]) -> SyncNet mouth crops [B,K,3,h,w]."""
+    """Face crops [B,K,3,S,S] (+ landmarks [B,K,68,2] as fractions of the side) -> mouth crops [B,K,3,h,w]."""
     from edtalk.syncnet import crop_mouths
 
     size = (cfg.mouth_height, cfg.mouth_width)
-    return crop_mouths(frames, size, landmarks if crop == "landmarks" else None, margin)
+    if crop != "landmarks":
+        return crop_mouths(frames, size, None, margin)
+    return crop_mouths(frames, size, landmarks * frames.shape[-1], margin)
 
 
 def samples(p: SyncNetParams, seed: int) -> RowFn:
