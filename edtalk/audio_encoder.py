@@ -34,7 +34,8 @@ class AudioEncoderConfig:
     channels: tuple[int, ...] = (32, 64, 128, 256, 512)  # conv stage widths; stage i>0 downsamples
     feature_dim: int = 512  # size of f^a
     blocks_per_stage: int = 1  # residual blocks after each stage's strided conv
-    norm_groups: int = 8  # GroupNorm groups (batch-size independent, unlike Wav2Lip's BatchNorm)
+    norm: str = "batch"  # "batch" (Wav2Lip's), "group" or "none"; see make_norm for why batch is the default
+    norm_groups: int = 8  # groups when norm == "group"
 
     def __post_init__(self) -> None:
         if self.n_mels < 8 or self.window < 4:
@@ -43,7 +44,9 @@ class AudioEncoderConfig:
             )
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ValueError(f"AudioEncoderConfig.channels must be positive widths, got {self.channels}")
-        if any(c % self.norm_groups for c in self.channels):
+        if self.norm not in NORMS:
+            raise ValueError(f"AudioEncoderConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.norm == "group" and any(c % self.norm_groups for c in self.channels):
             raise ValueError(
                 f"AudioEncoderConfig: every channel width {self.channels} must be divisible by norm_groups "
                 f"{self.norm_groups}"
@@ -83,17 +86,31 @@ def _output_hw(n_mels: int, window: int, n_stages: int) -> tuple[int, int]:
     return h, w
 
 
-class ResidualBlock(nn.Module):
-    """x -> act(x + GN(conv(act(GN(conv(x)))))), width and size kept; shared by E_a and SyncNet's face branch."""
+NORMS = ("batch", "group", "none")
 
-    def __init__(self, ch: int, groups: int) -> None:
+
+def make_norm(kind: str, ch: int, groups: int) -> nn.Module:
+    """The normalisation after a conv. BatchNorm is the default because GroupNorm normalises each sample on its
+    own and so discards its overall level (a clip's loudness, a crop's brightness), a cue for mouth opening.
+    BatchNorm's running statistics make train/eval matter: frozen copies must be kept in eval mode."""
+    if kind == "batch":
+        return nn.BatchNorm2d(ch)
+    if kind == "group":
+        return nn.GroupNorm(groups, ch)
+    return nn.Identity()
+
+
+class ResidualBlock(nn.Module):
+    """x -> act(x + N(conv(act(N(conv(x)))))), width and size kept; shared by E_a and SyncNet's face branch."""
+
+    def __init__(self, ch: int, norm: str = "batch", groups: int = 8) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(ch, ch, 3, padding=1),
-            nn.GroupNorm(groups, ch),
+            make_norm(norm, ch, groups),
             nn.LeakyReLU(0.2),
             nn.Conv2d(ch, ch, 3, padding=1),
-            nn.GroupNorm(groups, ch),
+            make_norm(norm, ch, groups),
         )
         self.act = nn.LeakyReLU(0.2)
 
@@ -112,10 +129,10 @@ class AudioEncoder(nn.Module):
         for i, ch in enumerate(cfg.channels):
             layers += [
                 nn.Conv2d(in_ch, ch, 3, stride=_stage_stride(i), padding=1),
-                nn.GroupNorm(cfg.norm_groups, ch),
+                make_norm(cfg.norm, ch, cfg.norm_groups),
                 nn.LeakyReLU(0.2),
             ]
-            layers += [ResidualBlock(ch, cfg.norm_groups) for _ in range(cfg.blocks_per_stage)]
+            layers += [ResidualBlock(ch, cfg.norm, cfg.norm_groups) for _ in range(cfg.blocks_per_stage)]
             in_ch = ch
         self.convs = nn.Sequential(*layers)
         h, w = _output_hw(cfg.n_mels, cfg.window, len(cfg.channels))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edtalk.audio_encoder import AudioEncoder, AudioEncoderConfig, ResidualBlock
+from edtalk.audio_encoder import NORMS, AudioEncoder, AudioEncoderConfig, ResidualBlock, make_norm
 
 MOUTH_POINTS = tuple(range(48, 68))  # 68-point iBUG mouth
 _GRAY = (0.299, 0.587, 0.114)
@@ -40,7 +40,8 @@ class SyncNetConfig:
     color: str = "rgb"  # "rgb" or "gray" mouth crops (RGB input is converted when "gray")
     channels: tuple[int, ...] = (32, 64, 128, 256, 512)  # face encoder stage widths; stage i>0 halves H and W
     embed_dim: int = 512  # size of both embeddings
-    norm_groups: int = 8  # GroupNorm groups in the face encoder
+    norm: str = "batch"  # face encoder normalisation: "batch", "group" or "none" (audio_encoder.make_norm)
+    norm_groups: int = 8  # groups when norm == "group"
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)  # the mel branch (its own weights)
 
     def __post_init__(self) -> None:
@@ -54,10 +55,13 @@ class SyncNetConfig:
             )
         if self.color not in ("rgb", "gray"):
             raise ValueError(f"SyncNetConfig.color must be 'rgb' or 'gray', got {self.color!r}")
-        if not self.channels or any(c <= 0 or c % self.norm_groups for c in self.channels):
+        if self.norm not in NORMS:
+            raise ValueError(f"SyncNetConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        if not self.channels or any(c <= 0 for c in self.channels):
+            raise ValueError(f"SyncNetConfig.channels must be positive widths, got {self.channels}")
+        if self.norm == "group" and any(c % self.norm_groups for c in self.channels):
             raise ValueError(
-                f"SyncNetConfig.channels {self.channels} must be positive and divisible by norm_groups "
-                f"{self.norm_groups}"
+                f"SyncNetConfig.channels {self.channels} must be divisible by norm_groups {self.norm_groups}"
             )
         if self.embed_dim <= 0:
             raise ValueError(f"SyncNetConfig.embed_dim must be > 0, got {self.embed_dim}")
@@ -202,8 +206,11 @@ class SyncNet(nn.Module):
         h, w = cfg.mouth_height, cfg.mouth_width
         for i, ch in enumerate(cfg.channels):
             stride = 1 if i == 0 else 2
-            layers += [nn.Conv2d(in_ch, ch, 3, stride=stride, padding=1), nn.GroupNorm(cfg.norm_groups, ch)]
-            layers += [nn.LeakyReLU(0.2), ResidualBlock(ch, cfg.norm_groups)]
+            layers += [
+                nn.Conv2d(in_ch, ch, 3, stride=stride, padding=1),
+                make_norm(cfg.norm, ch, cfg.norm_groups),
+            ]
+            layers += [nn.LeakyReLU(0.2), ResidualBlock(ch, cfg.norm, cfg.norm_groups)]
             in_ch = ch
             h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
         self.face_encoder = nn.Sequential(*layers, nn.Flatten(1), nn.Linear(in_ch * h * w, cfg.embed_dim))

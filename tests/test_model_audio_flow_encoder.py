@@ -21,7 +21,8 @@ def test_audio_to_mouth_shapes(preset):
     assert model(mel[:, 0]).shape == (2, 20)
     assert model.features(mel).shape == (2, 3, cfg.encoder.feature_dim)
     assert model.encoder.features(mel[:, 0]).shape == (2, 1, cfg.encoder.feature_dim)
-    # frames are encoded independently: frame 1's output does not depend on frame 0's window
+    # in eval mode frames are encoded independently: frame 1's output does not depend on frame 0's window
+    model.eval()
     mel2 = mel.clone()
     mel2[:, 0] += 1.0
     assert torch.allclose(model(mel)[:, 1:], model(mel2)[:, 1:], atol=1e-6)
@@ -35,7 +36,9 @@ def test_audio_configs_roundtrip_json():
         assert again == cfg and isinstance(again.encoder, AudioEncoderConfig)
     assert AudioToMouthConfig().n_mouth == 20
     with pytest.raises(ValueError, match="divisible"):
-        AudioEncoderConfig(channels=(8, 12), norm_groups=8)
+        AudioEncoderConfig(channels=(8, 12), norm="group", norm_groups=8)
+    with pytest.raises(ValueError, match="norm must be"):
+        AudioEncoderConfig(norm="layer")
     with pytest.raises(ValueError, match="n_mels >= 8"):
         AudioEncoderConfig(n_mels=4)
 
