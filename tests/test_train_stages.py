@@ -137,6 +137,7 @@ def test_fault_restart_matches_uninterrupted_run(autoencoder_run, tiny_data, tra
         "train.fail_rank": 1,
         "train.experiment": "fault",
         "train.register_model": False,
+        "train.run_name": "fault-run",  # resume by name even if the shared tree's code changes meanwhile
     }
     metrics = run_stage("autoencoder", PARAMS, overrides(tiny_data, tmp_path, **extra))
     assert metrics["steps"] == ref["steps"] == 4
@@ -148,6 +149,12 @@ def test_fault_restart_matches_uninterrupted_run(autoencoder_run, tiny_data, tra
     assert ref_w.keys() == new_w.keys()
     differing = [k for k in ref_w if not (ref_w[k] == new_w[k]).all()]
     assert not differing, f"weights differ after restart: {differing[:5]}"
+
+    # A driver re-run with the same settings resumes the finished run: no training, same MLflow run and weights.
+    again = run_stage("autoencoder", PARAMS, overrides(tiny_data, tmp_path, **extra))
+    assert (again["run_id"], again["run_name"], again["steps"]) == (metrics["run_id"], metrics["run_name"], 4)
+    final = load_file(tmp_path / "models" / "autoencoder" / "model.safetensors")
+    assert all((final[k] == new_w[k]).all() for k in new_w)
 
     c = MlflowClient(tracking)
     runs = c.search_runs([c.get_experiment_by_name("fault").experiment_id])
