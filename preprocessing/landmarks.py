@@ -124,9 +124,11 @@ class DlibBackend:
                 np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32)
                 for r in self.detector(gray, 0)
             ]
-        if not boxes and max(gray.shape) < 400:  # small frames: let the detector look for faces below 80 px
+        if not boxes and max(gray.shape) < 400:
+            # small frames: upsample once so faces of 40-80 px are found (then judged by min_face_px); dlib returns
+            # the boxes in the original image's coordinates
             boxes = [
-                np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32) / 2
+                np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32)
                 for r in self.detector(gray, 1)
             ]
         return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
@@ -174,10 +176,12 @@ class DlibBackend:
         x1, y1 = int(min(w, cx + half)), int(min(h, cy + half))
         if x1 - x0 < 16 or y1 - y0 < 16:
             return None
-        scale = min(1.0, ROI_FACE / max(side, 1.0))
+        # small faces are enlarged (up to 2x) so HOG's 80 px window still fits them
+        scale = min(2.0, ROI_FACE / max(side, 1.0))
         window = gray[y0:y1, x0:x1]
-        if scale < 1.0:
-            window = cv2.resize(window, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        if scale != 1.0:
+            interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+            window = cv2.resize(window, None, fx=scale, fy=scale, interpolation=interp)
         found = [
             np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32) / scale + [x0, y0, x0, y0]
             for r in self.detector(window, 0)

@@ -68,6 +68,9 @@ def bad_inputs(tmp_path_factory, media_dir):
     b = first_frames(media_dir / "videos" / "EDTalk__mouth_source.mp4", 1)[0]
     write_video(d / "two_faces.mp4", [np.concatenate([a, b], axis=1)] * 40)
     write_video(d / "no_face.mp4", [np.full((128, 128, 3), 90 + i, np.uint8) for i in range(40)])
+    small = np.full((360, 360, 3), 120, np.uint8)  # a real face ~40 px wide, under min_face_px=48
+    small[130:210, 130:210] = cv2.resize(a, (80, 80), interpolation=cv2.INTER_AREA)
+    write_video(d / "small_face.mp4", [small] * 40)
     return {
         str(d / "zero.mp4"): schema.UNREADABLE,
         str(d / "truncated.mp4"): schema.UNREADABLE,
@@ -76,6 +79,7 @@ def bad_inputs(tmp_path_factory, media_dir):
         str(d / "one_frame.mp4"): schema.TOO_SHORT,
         str(d / "two_faces.mp4"): schema.MULTIPLE_FACES,
         str(d / "no_face.mp4"): schema.NO_FACE,
+        str(d / "small_face.mp4"): schema.FACE_TOO_SMALL,
     }
 
 

@@ -348,3 +348,18 @@ def test_speech_encoder_states_per_segment(media_dir, tmp_path):
         seg = schema.decode_segment(row)
         assert seg["has_audio"] and seg["speech_states"].shape == (seg["num_frames"], 16)
         assert np.isfinite(seg["speech_states"]).all() and seg["speech_states"].std() > 0
+
+
+def test_done_markers_make_reruns_skip_and_interrupted_runs_resume(tmp_path):
+    """A source is done only when its segments or rejects file exists; a pairs file alone (a run stopped between
+    the two writes) or a temp file of an unfinished atomic write does not count."""
+    from preprocessing import storage
+    from preprocessing.pipeline import done_hashes
+
+    out = tmp_path / "out"
+    storage.write_bytes_atomic(str(out / "segments" / "aaa.parquet"), b"x")
+    storage.write_bytes_atomic(str(out / "rejects" / "bbb.parquet"), b"x")
+    storage.write_bytes_atomic(str(out / "pairs" / "ccc.parquet"), b"x")
+    (out / "segments" / ".ddd.parquet.tmp-123").write_bytes(b"partial")
+    assert done_hashes(str(out)) == {"aaa", "bbb"}
+    assert done_hashes(str(tmp_path / "empty")) == set()
