@@ -556,7 +556,8 @@ def local_ray_cluster(
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server, mlflow_server) -> Iterator[RayCluster]:
     # Like the pods of infra/k8s/ray: every node holds the object-storage and MLflow client settings, so tasks read
-    # s3:// and log runs from anywhere. 2 logical CPUs per node: a 1.5-CPU training rank fits only once per node.
+    # s3:// and log runs from anywhere. 3 logical CPUs per node: a 2-CPU training rank fits only once per node, and
+    # a whole CPU stays free on each for Ray Data's read tasks (1 CPU each; with less the ingest hangs).
     env = {**s3_server.env(), **mlflow_server.client_env()}
-    with local_ray_cluster(cpus=2, extra_env=env) as cluster:
+    with local_ray_cluster(cpus=3, extra_env=env) as cluster:
         yield cluster

@@ -146,7 +146,7 @@ def test_training_stage_with_two_workers_across_nodes_through_s3(
     before = ray_cluster.workers_by_node()
     sets = {
         "train.workers": 2,
-        "train.cpus_per_worker": 1.5,  # 2 CPUs per node: one rank per node, half a CPU left for data tasks
+        "train.cpus_per_worker": 2,  # 3 CPUs per node: one rank per node, one CPU left for data tasks
         "train.batch_size": 2,
         "train.log_every": 1,
         "train.checkpoint_every": 2,
