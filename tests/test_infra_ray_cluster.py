@@ -1,5 +1,6 @@
-"""A two-node Ray cluster on loopback (two raylets, 1 CPU each): work reaches both nodes, runs on either node log to
-the MLflow server, and `edtalk preprocess` runs through RAY_ADDRESS across both nodes with data on S3."""
+"""A two-node Ray cluster on loopback (two raylets, 3 logical CPUs each): work reaches both nodes, runs on either node
+log to the MLflow server, `edtalk preprocess` runs through RAY_ADDRESS across both nodes with data on S3, and a
+training stage runs 2 Ray Train workers, one per node, with data, checkpoints, model and metrics on S3."""
 
 from __future__ import annotations
 
