@@ -643,6 +643,12 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
             previewer.__exit__(RuntimeError, None, None)
         raise
     timers["drive"] -= timers["decode"]  # decode time was measured inside the drive phase
+    writers = [w for w in (writer, previewer) if w is not None]
+    timers["encode"] = sum(w.encode_s for w in writers)
+    timers["mux"] = sum(w.mux_s for w in writers)
+    timers["other_output"] = (
+        timers.pop("encode_mux") - timers["encode"] - timers["mux"]
+    )  # hashing, preview sheets
     seconds = time.perf_counter() - t_start
     return {
         "output": str(out),

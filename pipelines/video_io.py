@@ -7,6 +7,7 @@ so memory does not grow with the length of a video.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -74,6 +75,8 @@ class VideoWriter:
         self.sample_rate = sample_rate
         self.frames_written = 0
         self.samples_written = 0
+        self.encode_s = 0.0  # seconds spent in the video and audio encoders (for benchmarks)
+        self.mux_s = 0.0  # seconds spent writing packets into the container
 
     def write(self, frames: np.ndarray, audio: np.ndarray | None = None) -> None:
         """frames: uint8 [N,H,W,3] RGB; audio: float32 mono samples at `sample_rate` (any length, usually N*640)."""
@@ -84,10 +87,15 @@ class VideoWriter:
                 f"{list(frames.shape)}"
             )
         for frame in frames:
+            t0 = time.perf_counter()
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             vf.pts = self.frames_written
             self.frames_written += 1
-            self.container.mux(self.video.encode(vf))
+            packets = self.video.encode(vf)
+            t1 = time.perf_counter()
+            self.container.mux(packets)
+            self.encode_s += t1 - t0
+            self.mux_s += time.perf_counter() - t1
         if audio is not None and len(audio):
             if self.audio is None:
                 raise MediaError(f"{self.path}: audio given to a writer opened without an audio stream")
@@ -97,15 +105,23 @@ class VideoWriter:
             af.pts = self.samples_written
             af.time_base = Fraction(1, self.sample_rate)
             self.samples_written += samples.shape[1]
-            self.container.mux(self.audio.encode(af))
+            t0 = time.perf_counter()
+            packets = self.audio.encode(af)
+            t1 = time.perf_counter()
+            self.container.mux(packets)
+            self.encode_s += t1 - t0
+            self.mux_s += time.perf_counter() - t1
 
     def close(self) -> None:
         if self.container is None:
             return
-        self.container.mux(self.video.encode(None))
-        if self.audio is not None:
-            self.container.mux(self.audio.encode(None))
+        t0 = time.perf_counter()
+        packets = self.video.encode(None) + (self.audio.encode(None) if self.audio is not None else [])
+        t1 = time.perf_counter()
+        self.container.mux(packets)
         self.container.close()
+        self.encode_s += t1 - t0
+        self.mux_s += time.perf_counter() - t1
         self.container = None
 
     def __enter__(self) -> VideoWriter:
