@@ -13,8 +13,6 @@ import test_train_stages as shared
 import torch
 from test_train_eye import bases, check_run, frozen_and_trained, seed_upstream, stage_overrides
 
-pytestmark = pytest.mark.slow
-
 # The dataset, the Ray instance and the MLflow store of the training colleague's tests (one set per module).
 # TODO(training runtime): move these fixtures to tests/conftest.py with session scope and drop these names.
 PARAMS = shared.PARAMS
@@ -32,6 +30,7 @@ def training_emotions(data_dir) -> set[str]:
     return {r["emotion"] for r in table if r["segment_id"] in set(train_ids) and r["emotion"]}
 
 
+@pytest.mark.slow
 def test_expression_stage_end_to_end(tiny_data, tracking, tmp_path, monkeypatch):
     from edtalk import EDTalk
     from pipelines.generate import classify_source, model_emotions
@@ -40,10 +39,10 @@ def test_expression_stage_end_to_end(tiny_data, tracking, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(tiny_data, target_is_directory=True)
     upstream_run = seed_upstream(tmp_path / "models", "eye", tracking)
-    extra = {"expression.steps": 3, "expression.window": 3, "expression.samples_per_segment": 2}
+    extra = {"expression.steps": 2, "expression.window": 3, "expression.samples_per_segment": 2}
     metrics = run_stage("expression", PARAMS, stage_overrides("data", ".", **extra))
 
-    assert metrics["steps"] == 3 and metrics["workers"] == 1
+    assert metrics["steps"] == 2 and metrics["workers"] == 1
     assert {"loss", "rec", "per", "adv", "mot", "mc", "d_loss", "orthogonality"} <= set(metrics["losses"])
     check_run(metrics, "expression", "eye", upstream_run, tmp_path, tracking)
 
@@ -69,3 +68,34 @@ def test_expression_stage_end_to_end(tiny_data, tracking, tmp_path, monkeypatch)
         ident = model.encode_identity(torch.zeros(1, 3, 64, 64))
         frame = model.render(ident, {"expression": torch.tensor([means[sorted(means)[0]]])})
     assert frame.shape == (1, 3, 64, 64) and torch.isfinite(frame).all()
+
+
+def test_window_indices_clamp_at_the_segment_edges():
+    from pipelines.train.samples_visual import window_indices
+
+    assert window_indices(0, 5, 10).tolist() == [0, 0, 0, 1, 2]
+    assert window_indices(9, 5, 10).tolist() == [7, 8, 9, 9, 9]
+    assert window_indices(4, 4, 10).tolist() == [2, 3, 4, 5]
+    assert window_indices(0, 3, 1).tolist() == [0, 0, 0]
+
+
+def test_driver_root_recovers_the_working_directory():
+    from pathlib import Path
+
+    from pipelines.train.stages.expression import _driver_root
+
+    assert _driver_root("models", "/work/proj/models") == Path("/work/proj")
+    assert _driver_root("out/models", "/work/proj/out/models") == Path("/work/proj")
+    assert _driver_root("models", "/work/proj/elsewhere") is None  # not resolved from it
+    assert _driver_root("/abs/models", "/abs/models") is None  # absolute: says nothing about the cwd
+
+
+def test_expression_params_name_what_is_wrong():
+    from pipelines.train.stages.expression import ExpressionParams
+
+    with pytest.raises(ValueError, match="window"):
+        ExpressionParams(window=0)
+    with pytest.raises(ValueError, match="sigma"):
+        ExpressionParams(motion_sigma=2.0)
+    with pytest.raises(ValueError, match="emotion_frames"):
+        ExpressionParams(emotion_frames=-1)

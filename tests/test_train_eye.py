@@ -105,9 +105,9 @@ def test_eye_stage_end_to_end(tiny_data, tracking, tmp_path):
     from pipelines.train.runner import run_stage
 
     upstream_run = seed_upstream(tmp_path / "models", "mouth_pose", tracking)
-    metrics = run_stage("eye", PARAMS, stage_overrides(tiny_data, tmp_path, **{"eye.steps": 3}))
+    metrics = run_stage("eye", PARAMS, stage_overrides(tiny_data, tmp_path, **{"eye.steps": 2}))
 
-    assert metrics["steps"] == 3 and metrics["workers"] == 1
+    assert metrics["steps"] == 2 and metrics["workers"] == 1
     assert {"loss", "rec", "per", "adv", "self", "fea", "d_loss", "orthogonality"} <= set(metrics["losses"])
     assert {"rec", "fea"} <= set(metrics["val_losses"])
     check_run(metrics, "eye", "mouth_pose", upstream_run, tmp_path, tracking)

@@ -176,6 +176,7 @@ def emotion_means(model, data_dir: str, segment_ids, frames_per_segment: int) ->
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     device = next(model.parameters()).device
+    size = model.config.image_size
     model.eval()
     seen, t0 = 0, time.perf_counter()
     columns = ["segment_id", "emotion", "num_frames", "frames"]
@@ -190,7 +191,8 @@ def emotion_means(model, data_dir: str, segment_ids, frames_per_segment: int) ->
                         continue
                     idx = np.unique(np.linspace(0, t - 1, min(frames_per_segment, t)).round().astype(int))
                     frames = np.stack([decode_jpeg(row["frames"][int(i)]) for i in idx])
-                    x = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                    # The runner's own conversion: [-1, 1] NCHW, resized to the model's side like training batches.
+                    x = data.to_model_inputs({"x": torch.from_numpy(frames)}, device, size)["x"]
                     w = model.extract(x, ("expression",))["expression"].double().mean(0)
                     sums[emotion] = sums.get(emotion, 0) + w
                     counts[emotion] = counts.get(emotion, 0) + 1
@@ -229,7 +231,13 @@ def run_spec() -> dict:
 
     from preprocessing import storage
 
-    spec = dict(get_train_context().train_run_context.train_loop_config or {})
+    try:
+        spec = dict(get_train_context().train_run_context.train_loop_config or {})
+    except AttributeError as exc:  # Ray moved its internals: the hook in the runner is the real fix
+        raise RuntimeError(
+            f"expression export: cannot read the run's config from Ray Train's context ({exc}); the per-emotion "
+            "means need the runner to pass the data dir to the stage"
+        ) from exc
     train = dict(spec.get("train") or {})
     data_dir = str(train.get("data_dir", ""))
     if not data_dir:

@@ -81,8 +81,15 @@ def cross(model, batch: dict, swapped: tuple[str, ...], kept: tuple[str, ...]) -
     }
 
 
-def swap_losses(nets: Nets, batch: dict, swapped: tuple[str, ...], kept: tuple[str, ...]) -> dict:
-    """The unweighted terms of a swap stage: rec, per, adv (G side), self, fea (swapped spaces only)."""
+def swap_losses(
+    nets: Nets,
+    batch: dict,
+    swapped: tuple[str, ...],
+    kept: tuple[str, ...],
+    feature_spaces: tuple[str, ...] | None = None,
+) -> dict:
+    """The unweighted terms of a swap stage: rec, per, adv (G side), self, and fea over `feature_spaces` (default:
+    the swapped ones, the only ones a later swap stage trains)."""
     from edtalk import losses
 
     model, per_loss = nets.model, nets.extras["perceptual"]
@@ -96,13 +103,15 @@ def swap_losses(nets: Nets, batch: dict, swapped: tuple[str, ...], kept: tuple[s
     self_b = model.render(c["ident"], c["w"]["b"])
     self_rec = losses.l1_reconstruction_loss(self_a, a) + losses.l1_reconstruction_loss(self_b, b)
     self_rec = self_rec + per_loss(self_a, a) + per_loss(self_b, b)
-    # Eq. 7 on f^{r->s} = sum_i w_i q_i of the swapped spaces: a swapped-in region must give the features of the
-    # frame it came from (a_on_b carries a's region, b_on_a carries b's).
+    # Eq. 7 on f^{r->s} = sum_i w_i q_i: each part of a swapped image must give the features of the frame it came
+    # from (a_on_b: the swapped region of a, the kept spaces of b; b_on_a the other way round).
+    spaces = tuple(swapped if feature_spaces is None else feature_spaces)
     bases = model.navigation.bases()
-    f = {k: model.navigation.motion({s: c["w"][k][s] for s in swapped}, bases) for k in c["w"]}
+    f = {k: model.navigation.motion({s: c["w"][k][s] for s in spaces}, bases) for k in c["w"]}
     fea = sum(
-        losses.feature_loss(f["ab"][s], f["a"][s]) + losses.feature_loss(f["ba"][s], f["b"][s])
-        for s in swapped
+        losses.feature_loss(f["ab"][s], f["a" if s in swapped else "b"][s])
+        + losses.feature_loss(f["ba"][s], f["b" if s in swapped else "a"][s])
+        for s in spaces
     )
     return {
         "rec": rec,
@@ -112,7 +121,6 @@ def swap_losses(nets: Nets, batch: dict, swapped: tuple[str, ...], kept: tuple[s
         "fea": fea,
         "real": torch.cat([a, b]),
         "fake": fakes,
-        "cross": c,
     }
 
 
