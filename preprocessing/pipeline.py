@@ -23,12 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing import schema, storage
-from preprocessing.params import PreprocessParams
+from preprocessing.params import ParamsError, PreprocessParams
 from preprocessing.sources import Source, discover, hash_all
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+INTERNAL_SUFFIX = ".internal.parquet"  # rejects/<hash>.internal.parquet: an internal error, retried on re-run
 
 
 # ---- per-source work ---------------------------------------------------------------------------------------------
@@ -121,9 +122,11 @@ class SourceProcessor:
         try:
             result = self.process(src)
             summary.update(result, status="segments")
+            self._clear_internal(src)
         except schema.RejectError as exc:
             self.reject(src, exc.step, exc.reason, exc.message)
             summary.update(status="rejected", reason=exc.reason)
+            self._clear_internal(src)
         except Exception as exc:  # a bug or an unforeseen input: recorded, the run goes on
             tb = traceback.format_exc(limit=4)
             log.error("preprocess %s: %s", src.uri, tb)
@@ -142,7 +145,16 @@ class SourceProcessor:
     def reject(self, src: Source, step: str, reason: str, message: str) -> None:
         row = schema.reject_row(src.uri, src.hash, step, reason, message)
         data = _parquet_bytes([row], schema.REJECTS)
-        storage.write_bytes_atomic(storage.join(self.output, "rejects", f"{src.hash}.parquet"), data)
+        # internal errors (bugs) get their own name: recorded, but retried by the next run
+        name = f"{src.hash}{INTERNAL_SUFFIX}" if reason == schema.INTERNAL_ERROR else f"{src.hash}.parquet"
+        storage.write_bytes_atomic(storage.join(self.output, "rejects", name), data)
+
+    def _clear_internal(self, src: Source) -> None:
+        """Drop an internal-error record of an earlier run once the source has a real outcome."""
+        stale = storage.join(self.output, "rejects", f"{src.hash}{INTERNAL_SUFFIX}")
+        if storage.exists(stale):
+            fs, path = storage.resolve(stale)
+            fs.delete_file(path)
 
     def process(self, src: Source) -> dict:
         with tempfile.TemporaryDirectory(prefix="edtalk-pre-") as tmp:
@@ -405,15 +417,31 @@ class SourceProcessor:
 
 
 def done_hashes(output: str) -> set[str]:
-    """Hashes of the sources that already have a segments or rejects file under `output`."""
+    """Hashes of the sources that already have a segments or rejects file under `output` (internal-error records
+    do not count: those sources are tried again)."""
     done = set()
     for table in ("segments", "rejects"):
         folder = storage.join(output, table)
         if storage.exists(folder):
             done.update(
-                posixpath.basename(f)[: -len(".parquet")] for f in storage.list_files(folder, ".parquet")
+                posixpath.basename(f)[: -len(".parquet")]
+                for f in storage.list_files(folder, ".parquet")
+                if not f.endswith(INTERNAL_SUFFIX)
             )
     return done
+
+
+def preflight(params: PreprocessParams) -> None:
+    """Fail before starting Ray when the configuration cannot work, instead of rejecting every video."""
+    if params.landmark_backend == "face_alignment":
+        from preprocessing.landmarks import make_backend, missing_face_alignment_weights
+
+        if missing_face_alignment_weights():
+            make_backend("face_alignment")  # raises LandmarkBackendError saying which files to put where
+    for key in ("speech_encoder", "asr_model"):
+        folder = getattr(params, key)
+        if folder and not storage.exists(folder):
+            raise ParamsError(f'preprocess.{key}={folder!r} does not exist: give a local model folder or ""')
 
 
 def _totals(output: str) -> dict:
@@ -442,6 +470,7 @@ def run(input_spec: str, output: str, params: PreprocessParams, progress: bool =
             log.warning("%s has the same content as %s: processed once", src.uri, unique[src.hash].uri)
         else:
             unique[src.hash] = src
+    preflight(params)
     storage.makedirs(output)
     done = done_hashes(output)
     pending = [s for h, s in unique.items() if h not in done]

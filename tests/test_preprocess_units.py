@@ -361,5 +361,19 @@ def test_done_markers_make_reruns_skip_and_interrupted_runs_resume(tmp_path):
     storage.write_bytes_atomic(str(out / "rejects" / "bbb.parquet"), b"x")
     storage.write_bytes_atomic(str(out / "pairs" / "ccc.parquet"), b"x")
     (out / "segments" / ".ddd.parquet.tmp-123").write_bytes(b"partial")
+    storage.write_bytes_atomic(str(out / "rejects" / "eee.internal.parquet"), b"x")  # a bug: retried
     assert done_hashes(str(out)) == {"aaa", "bbb"}
     assert done_hashes(str(tmp_path / "empty")) == set()
+
+
+def test_cli_fails_fast_on_a_backend_that_cannot_run(tmp_path, media_dir):
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+
+    if not missing_face_alignment_weights():
+        pytest.skip("face_alignment weights are present here")
+    args = ["preprocess", "--input", str(media_dir / "edge_cases"), "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, [*args, "--set", "preprocess.landmark_backend=face_alignment"])
+    assert result.exit_code != 0 and "2DFAN4-11f355bf06.pth.tar" in result.output
+    assert not (tmp_path / "out" / "rejects").exists()  # nothing was rejected for a configuration problem

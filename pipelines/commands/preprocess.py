@@ -24,6 +24,7 @@ def preprocess(
 
     Re-running skips sources already done (by content hash); every input ends in `segments` or `rejects`.
     """
+    from preprocessing.landmarks import LandmarkBackendError
     from preprocessing.params import ParamsError, PreprocessParams
     from preprocessing.pipeline import run, summary_table
     from preprocessing.sources import SourceError
@@ -32,7 +33,7 @@ def preprocess(
     try:
         params = PreprocessParams.load(params_path, overrides)
         stats = run(input_spec, output, params, progress=not no_progress)
-    except (ParamsError, SourceError) as exc:
+    except (ParamsError, SourceError, LandmarkBackendError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(summary_table(stats))
     if stats["errors"]:
