@@ -20,6 +20,9 @@ from preprocessing.dataset import read_rows
 from preprocessing.landmarks import DlibBackend
 from preprocessing.params import PreprocessParams
 
+# one real Ray run of ~700 frames (about 40 s on an idle 2-core machine) shared by every test here
+pytestmark = pytest.mark.slow
+
 MAX_S = 4.0
 REAL = [
     "edge_cases/DPE__s.mp4",  # no audio stream
