@@ -62,6 +62,13 @@ def edtalk_nets(
     from edtalk.stages import apply_stage, get_stage
 
     if upstream_dir:
+        from preprocessing import storage
+
+        # Workers on other nodes read the upstream model from object storage.
+        if storage.is_remote(upstream_dir):
+            import tempfile
+
+            upstream_dir = storage.download(upstream_dir, tempfile.mkdtemp(prefix="edtalk-upstream-"))
         model = EDTalk.from_pretrained(upstream_dir)
     else:
         model = EDTalk(ModelConfig.from_params(model_section))
