@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,6 @@ class Request:
     seed: int | None = None  # overrides params.seed
     temperature: float | None = None  # overrides params.temperature
     preview: bool | None = None  # overrides params.preview
-    extra: dict = field(default_factory=dict)  # reserved
 
 
 # ----------------------------------------------------------------------------------------------------- the model
@@ -578,6 +577,7 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
         torch.set_num_threads(params.threads)
     if isinstance(model, (str, Path)):
         model, _ = load_model(model)
+    model.eval()  # inference: no dropout in the expression predictor
     device = next(model.parameters()).device
     size = model_size(model)
     cropper = FaceCropper(prep)
@@ -634,9 +634,11 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
             timers["encode_mux"] += t3 - t2
             bar.update(stop - start)
         bar.close()
-        writer.close()
+        t2 = time.perf_counter()
+        writer.close()  # flushes the encoders' delayed frames
         if previewer is not None:
             previewer.close()
+        timers["encode_mux"] += time.perf_counter() - t2
     except BaseException:
         writer.__exit__(RuntimeError, None, None)
         if previewer is not None:
