@@ -19,6 +19,7 @@ import torch
 from pipelines.train import samples_audio
 from pipelines.train.data import RowFn
 from pipelines.train.stages import Nets, Stage, StepOut, edtalk_nets
+from pipelines.train.stages.audio_lip import frozen_in_eval
 
 UPSTREAM = "audio_eye"
 
@@ -89,6 +90,7 @@ def step(nets: Nets, batch: dict, p: AudioExpressionParams) -> StepOut:
     from edtalk import losses
 
     model = nets.model
+    frozen_in_eval(model, ("expression_predictor",))
     predictor = model.expression_predictor
     inputs = _inputs(model, batch)
     want = target(model, batch)

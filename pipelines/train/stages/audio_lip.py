@@ -75,6 +75,14 @@ def build(model_section: dict, p: AudioLipParams, upstream: dict[str, str]) -> N
     return nets
 
 
+def frozen_in_eval(model, trained: tuple[str, ...]) -> None:
+    """Every top-level module of `model` but the `trained` ones to eval mode. The runner puts the whole model in
+    train mode, but frozen modules must keep their BatchNorm running statistics (E_a, SyncNet) and no dropout."""
+    for name, child in model.named_children():
+        if name not in trained:
+            child.eval()
+
+
 def repeat_identity(ident, k: int):
     """An Identity of B images -> one of B*K (each repeated K times), to render K frames per image."""
     from edtalk.model import Identity
@@ -91,6 +99,7 @@ def forward(nets: Nets, batch: dict) -> dict[str, torch.Tensor]:
     from edtalk.navigation import SPACES
 
     model = nets.model
+    frozen_in_eval(model, ("audio_to_mouth",))
     frames = batch["frames"]
     b, k = frames.shape[:2]
     flat = frames.flatten(0, 1)

@@ -21,6 +21,7 @@ import torch
 from pipelines.train import samples_audio
 from pipelines.train.data import RowFn
 from pipelines.train.stages import Nets, Stage, StepOut, edtalk_nets
+from pipelines.train.stages.audio_lip import frozen_in_eval
 
 
 @dataclass
@@ -72,6 +73,7 @@ def flow_stage(name: str, space: str, flow_attr: str, upstream: str, params_cls:
 
     def targets(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """GT weights [B,N,d] of the frames and audio features [B,N,C], both from frozen modules."""
+        frozen_in_eval(model, (flow_attr,))  # E_a's BatchNorm statistics stay as audio_lip left them
         frames = batch["frames"]
         b, n = frames.shape[:2]
         with torch.no_grad():

@@ -141,13 +141,19 @@ def export(nets: Nets, folder) -> None:
 
 
 def load_syncnet(folder: str | Path, expected=None):
-    """models/syncnet -> (SyncNet, crop settings {"crop", "crop_margin"}). With `expected` (a SyncNetConfig, e.g.
+    """models/syncnet (a path or URI) -> (SyncNet, crop settings {"crop", "crop_margin"}). With `expected` (a SyncNetConfig, e.g.
     the one inside an EDTalk), a config that differs is a clear error instead of a shape mismatch later."""
     from safetensors.torch import load_file
 
     from edtalk.syncnet import SyncNet, SyncNetConfig
+    from preprocessing import storage
 
-    folder = Path(folder)
+    local = storage.local_path_or_none(str(folder))
+    if local is None:  # workers on other nodes read it from object storage
+        import tempfile
+
+        local = storage.download(str(folder), tempfile.mkdtemp(prefix="edtalk-syncnet-"))
+    folder = Path(local)
     if not (folder / WEIGHTS).is_file() or not (folder / META).is_file():
         raise FileNotFoundError(
             f"{folder} is not a trained SyncNet folder (needs {WEIGHTS} and {META}): run `edtalk train syncnet`"
