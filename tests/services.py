@@ -65,12 +65,6 @@ def free_port_range(n: int) -> int:
     raise RuntimeError(f"no range of {n} free ports found on 127.0.0.1")
 
 
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-        return True
-    return False
-
-
 @dataclass
 class Proc:
     """A server process leading its own process group, with its log file."""
@@ -78,9 +72,8 @@ class Proc:
     name: str  # what it is, for messages
     popen: subprocess.Popen  # the group leader
     log: Path  # stdout+stderr
-    stop_signal: int = (
-        signal.SIGTERM
-    )  # what asks it to shut down cleanly (PostgreSQL: SIGINT = fast shutdown)
+    # What asks it to shut down cleanly (PostgreSQL: SIGINT, its "fast" shutdown).
+    stop_signal: int = signal.SIGTERM
 
     def tail(self, n: int = 40) -> str:
         try:
