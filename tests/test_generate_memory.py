@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -43,6 +44,7 @@ def _measure(model_dir, identity, warm, audio, out) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh processes, 5 s + 60 s of tiny-model video: ~35 s on an idle 2-core machine
 def test_peak_memory_does_not_grow_with_audio_length(tmp_path, media_dir):
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
