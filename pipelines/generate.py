@@ -35,6 +35,7 @@ from preprocessing.params import ParamsError, PreprocessParams, build, load_sect
 log = logging.getLogger(__name__)
 
 SPACES = ("mouth", "pose", "eye", "expression")
+MEL_HOP = 200  # samples per mel frame (docs/contracts.md)
 # Training stages in order: a folder of stage folders resolves to the latest one present (it holds every module
 # trained so far).
 STAGE_ORDER = (
@@ -104,7 +105,7 @@ class GenerateParams:
 class Request:
     """What to generate: the identity, the audio and one source per space (see the module docstring)."""
 
-    identity: str  # image file of any size with one face
+    identity: str  # image file of any size with one face (or a video: its first frame)
     output: str  # mp4 to write
     audio: str | None = None  # audio (any common format, rate, channels) or a video whose audio track to use
     video: str | None = None  # a driving video for every space left on `auto` (video-driven generation)
@@ -245,6 +246,13 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
         return frames
     interp = cv2.INTER_AREA if frames.shape[1] > size else cv2.INTER_LINEAR
     return np.stack([cv2.resize(f, (size, size), interpolation=interp) for f in frames])
+
+
+def read_identity(path: str) -> np.ndarray:
+    """The identity image; a video gives its first frame (e.g. a held-out clip as in the DVC render stage)."""
+    if video_io.is_video(path):
+        return video_io.DrivingVideo(path).frames(0, 1)[0]
+    return video_io.read_image(path)
 
 
 def load_transcript(text: str | None) -> str:
@@ -450,13 +458,11 @@ class Drivers:
             elif kind == "emotion":
                 means = model_emotions(model)
                 self.fixed[space] = torch.tensor([means[arg]], dtype=torch.float32, device=device)
-        self.mel = None
         if any(kind in ("audio", "sample") for kind, _ in plan.kinds.values()):
-            from preprocessing.audio import log_mel, mel_window_starts
+            from preprocessing.audio import mel_window_starts
 
-            # the log-mel of the whole clip is small (80 x 80 per second); windows are cut per chunk
-            self.mel = log_mel(plan.audio)
             self.mel_starts = mel_window_starts(plan.num_frames)
+            self.mel_count = len(plan.audio) // MEL_HOP + 1  # mel frames of the whole clip (centred STFT)
         self.expression = None
         if plan.kinds["expression"][0] == "audio":
             self.expression = self._audio_expression(load_transcript(req.transcript))
@@ -504,9 +510,26 @@ class Drivers:
         from preprocessing.audio import MEL_WINDOW
 
         idx = self.mel_starts[start:stop, None] + np.arange(MEL_WINDOW)[None, :]
-        idx = np.clip(idx, 0, self.mel.shape[1] - 1)
-        windows = np.ascontiguousarray(self.mel[:, idx].transpose(1, 0, 2), dtype=np.float32)
+        idx = np.clip(idx, 0, self.mel_count - 1)
+        j0, j1 = int(idx.min()), int(idx.max()) + 1
+        mel = self._mel_frames(j0, j1)
+        windows = np.ascontiguousarray(mel[:, idx - j0].transpose(1, 0, 2), dtype=np.float32)
         return torch.from_numpy(windows).to(self.device)[None]
+
+    def _mel_frames(self, j0: int, j1: int) -> np.ndarray:
+        """Log-mel frames j0..j1-1 of the whole clip, computed from a slice of the audio only.
+
+        Mel frame j is centred on sample 200j and sees samples 200j-400 .. 200j+400 (plus one before it, for the
+        pre-emphasis). The slice keeps three hops of margin each side, so inside it every needed frame equals the
+        whole-clip computation; at the clip's own ends the slice ends there too and the STFT pads as it would.
+        """
+        from preprocessing.audio import log_mel
+
+        audio = self.plan.audio
+        a = max(0, (j0 - 3) * MEL_HOP)
+        b = min(len(audio), (j1 + 3) * MEL_HOP)
+        mel = log_mel(audio[a:b])
+        return mel[:, j0 - a // MEL_HOP : j1 - a // MEL_HOP]
 
     def _flow_noise(self, space: str) -> torch.Tensor:
         """z for the whole clip, drawn once as ConditionalFlow.sample draws it ([1,T,dim] ~ N(0, temperature^2));
@@ -581,7 +604,7 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     device = next(model.parameters()).device
     size = model_size(model)
     cropper = FaceCropper(prep)
-    identity_crop = cropper.identity(video_io.read_image(req.identity), req.identity, size)
+    identity_crop = cropper.identity(read_identity(req.identity), req.identity, size)
     plan = plan_sources(req, model, load_audio, params.max_seconds)
     log.info(
         "generating %d frames (%.2f s): %s", plan.num_frames, plan.num_frames / video_io.FPS, plan.describe()

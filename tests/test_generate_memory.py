@@ -59,6 +59,10 @@ def test_peak_memory_does_not_grow_with_audio_length(tmp_path, media_dir):
     short = _measure(model_dir, identity, paths["warm"], paths["short"], tmp_path / "s.mp4")
     long_ = _measure(model_dir, identity, paths["warm"], paths["long"], tmp_path / "l.mp4")
     assert (short["frames"], long_["frames"]) == (125, 1500)
+    grow = (short["peak_kb"] - short["base_kb"]) / 1024, (long_["peak_kb"] - long_["base_kb"]) / 1024
+    print(
+        f"growth {grow[0]:.1f} MB (5 s) vs {grow[1]:.1f} MB (60 s); peak RSS {short['peak_kb'] / 1024:.0f} MB (5 s) vs {long_['peak_kb'] / 1024:.0f} MB (60 s)"
+    )
     grow_short = (short["peak_kb"] - short["base_kb"]) / 1024
     grow_long = (long_["peak_kb"] - long_["base_kb"]) / 1024
     # Holding the 60 s of output alone would take 1500 x 64 x 64 x 3 floats = 74 MB; streaming stays flat.

@@ -242,3 +242,29 @@ def test_cli_generates_and_rejects_bad_inputs_clearly(tiny_model, media_dir, sho
     )
     assert res.exit_code != 0 and "does not exist" in res.output
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_identity_from_a_video_and_audio_from_its_track(model, media_dir, tmp_path):
+    """As the DVC render stage calls it: a clip gives the identity (first frame) and the audio (its AAC track)."""
+    clip = str(media_dir / "videos" / "EDTalk__mouth_source_muxed.mp4")
+    res = run(
+        Request(identity=clip, audio=clip, output=str(tmp_path / "c.mp4")),
+        model,
+        GenerateParams(max_seconds=0.4, threads=1),
+        PREP,
+    )
+    assert res["frames"] == 10 and res["sources"]["mouth"]["kind"] == "audio"
+    assert video_io.probe(res["output"])["audio"]["duration_s"] == pytest.approx(0.4, abs=0.03)
+
+
+def test_streamed_mel_windows_equal_the_whole_clip(model, short_speech):
+    """Audio features are computed chunk by chunk from slices of the audio: identical to mel_windows of it all."""
+    from pipelines.generate import Drivers
+    from preprocessing.audio import mel_windows
+
+    req = Request(identity="unused.png", audio=str(short_speech), output="unused.mp4", expression="identity")
+    plan = plan_sources(req, model, load_audio)
+    drivers = Drivers(model, plan, req, GenerateParams(), None, 64, torch.device("cpu"))
+    whole = mel_windows(plan.audio, plan.num_frames)
+    for start, stop in ((0, 5), (5, 12), (12, 30), (30, plan.num_frames)):
+        np.testing.assert_allclose(drivers.mel_chunk(start, stop)[0].numpy(), whole[start:stop], atol=1e-4)
