@@ -59,7 +59,7 @@ def generate(model, identity, audio, video, mouth, pose, eye, expression, transc
     from pipelines.generate import GenerateError, GenerateParams, Request, run
     from pipelines.video_io import MediaError
     from preprocessing.audio import AudioError
-    from preprocessing.landmarks import FaceNotFoundError, MultipleFacesError
+    from preprocessing.landmarks import FaceNotFoundError, LandmarkBackendError, MultipleFacesError
     from preprocessing.params import ParamsError, PreprocessParams
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -81,7 +81,15 @@ def generate(model, identity, audio, video, mouth, pose, eye, expression, transc
             preview=preview,
         )
         result = run(req, model, params, prep)
-    except (GenerateError, MediaError, AudioError, FaceNotFoundError, MultipleFacesError, ParamsError) as exc:
+    except (
+        GenerateError,
+        MediaError,
+        AudioError,
+        FaceNotFoundError,
+        MultipleFacesError,
+        LandmarkBackendError,
+        ParamsError,
+    ) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {result['output']} ({result['frames']} frames, {result['seconds']:.2f} s)")
     if result.get("preview"):
