@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -117,6 +118,23 @@ def log_params(run_id: str, params: dict, uri: str) -> None:
     new = [Param(k, v) for k, v in flat.items() if k not in have]
     for i in range(0, len(new), 100):
         c.log_batch(run_id, params=new[i : i + 100])
+
+
+_TAG_CHAR = re.compile(r"[^\w./\- ]")
+
+
+def tag_key(prefix: str, path: str) -> str:
+    """An MLflow tag key `prefix.path` that MLflow accepts for any path or URI.
+
+    MLflow allows only alphanumerics, `_ - . / space` (and `:` off Windows) and rejects keys that a path
+    normalisation would change (`//`, `./`, `..` segments, a trailing `/`). Local relative paths pass unchanged
+    (`dvc.md5.data/processed`); `s3://bucket/x` becomes `dvc.md5.s3/bucket/x`; other characters become `_`.
+    """
+    text = str(path).replace("://", "/").replace("\\", "/")
+    text = _TAG_CHAR.sub("_", text)
+    parts = [p for p in text.split("/") if p]
+    parts = ["_" * len(p) if set(p) == {"."} else p for p in parts]  # `.` / `..` segments would resolve away
+    return f"{prefix}.{'/'.join(parts)}" if parts else prefix
 
 
 def set_tags(run_id: str, tags: dict[str, Any], uri: str) -> None:

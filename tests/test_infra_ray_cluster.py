@@ -163,10 +163,6 @@ def test_training_stage_with_two_workers_across_nodes_through_s3(
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=work)
-    if run.returncode != 0 and "must not resolve to other names" in run.stderr:
-        # Known bug of the training runner (pipelines/train/runner.py, lineage tags): a remote data_dir becomes the
-        # MLflow tag key "dvc.md5.s3://...", which MLflow rejects. Remove this once fixed; the test then runs whole.
-        pytest.xfail("training runner: MLflow rejects the lineage tag key built from an s3:// data_dir")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
 
     model_files = storage.list_files("s3://edtalk-models/models/autoencoder")

@@ -140,3 +140,22 @@ def test_zero3_is_refused_with_a_clear_error_for_edtalk_stages():
 
     with pytest.raises(ParamsError, match="ZeRO-3"):
         run_stage("autoencoder", None, ["train.zero_stage=3"])
+
+
+def test_lineage_tag_keys_are_valid_for_any_uri(tmp_path):
+    from mlflow import MlflowClient
+    from mlflow.utils.validation import _validate_tag_name
+
+    from pipelines import lineage
+
+    assert lineage.tag_key("dvc.md5", "data/processed") == "dvc.md5.data/processed"  # local: readable
+    assert lineage.tag_key("dvc.md5", "s3://bucket/run") == "dvc.md5.s3/bucket/run"
+    paths = ["s3://b/x/", "gs://b/../x", "/abs/a+b@c/d", ".", "a//b", "C:\\x\\y", "https://h:9000/p?q=1"]
+    keys = {lineage.tag_key("dvc.md5", p) for p in paths}
+    for key in keys:
+        _validate_tag_name(key)
+    # And the store accepts them.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _, _ = lineage.start_or_resume(str(tmp_path / "run"), "tags", "tags", uri)
+    lineage.set_tags(run_id, dict.fromkeys(keys, "remote"), uri)
+    assert keys <= set(MlflowClient(uri).get_run(run_id).data.tags)

@@ -350,8 +350,8 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     stat_tags, stats_doc = lineage.stats_tags(data_dir)
     tags = {"stage": stage.name, "ray.run_name": run_name, "ray.storage": run_dir, "fingerprint": fp, **git}
     tags["code.md5"] = code
-    tags.update({f"dvc.md5.{_rel(p)}": h for p, h in hashes.items()})
-    tags.update({f"dvc.lock.{p}": h for p, h in lineage.dvc_lock_hashes(stage.name).items()})
+    tags.update({lineage.tag_key("dvc.md5", _rel(p)): h for p, h in hashes.items()})
+    tags.update({lineage.tag_key("dvc.lock", p): h for p, h in lineage.dvc_lock_hashes(stage.name).items()})
     for name, info in upstream.items():
         tags[f"upstream.{name}.run_id"] = info.get("run_id", "")
         tags[f"upstream.{name}.git_commit"] = info.get("git_commit", "")
