@@ -159,3 +159,40 @@ def test_lineage_tag_keys_are_valid_for_any_uri(tmp_path):
     run_id, _, _ = lineage.start_or_resume(str(tmp_path / "run"), "tags", "tags", uri)
     lineage.set_tags(run_id, dict.fromkeys(keys, "remote"), uri)
     assert keys <= set(MlflowClient(uri).get_run(run_id).data.tags)
+
+
+def test_worker_env_carries_tracking_and_storage_settings(monkeypatch, tmp_path):
+    from pipelines.train.runner import PASSTHROUGH_ENV, _worker_env
+
+    for key in PASSTHROUGH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    tp = TrainParams()
+    env = _worker_env(tp)
+    # Nothing invented when the driver has none.
+    assert not any(k.startswith(("MLFLOW_", "AWS_")) for k in env)
+    assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == str(tp.torch_threads)
+
+    driver = {
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "pw",
+        "MLFLOW_S3_ENDPOINT_URL": "http://s3:9000",
+        "AWS_ENDPOINT_URL": "http://s3:9000",
+        "AWS_ENDPOINT_URL_S3": "http://s3:9000",
+        "AWS_ACCESS_KEY_ID": "key",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SESSION_TOKEN": "token",
+        "AWS_REGION": "eu-west-1",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
+    for k, v in driver.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_PROFILE", "not-passed")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    env = _worker_env(tp)
+    assert {k: env.get(k) for k in driver} == driver
+    assert "AWS_PROFILE" not in env
+    # Workers run in other directories: a relative sqlite store reaches them as an absolute path.
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert _worker_env(tp)["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"

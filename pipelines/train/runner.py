@@ -291,6 +291,27 @@ def _abs(path: str) -> str:
     return path if storage.is_remote(path) else str(Path(path).resolve())
 
 
+# Driver settings the workers need as well: a laptop driver against a remote cluster carries its tracking server
+# and object-storage credentials to the ranks (cluster pods may also have them from their own Secrets).
+PASSTHROUGH_ENV = (
+    "EDTALK_VGG19_WEIGHTS",
+    "HF_HOME",
+    "TRANSFORMERS_OFFLINE",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+
 def _worker_env(tp: TrainParams) -> dict[str, str]:
     env = {
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -302,9 +323,11 @@ def _worker_env(tp: TrainParams) -> dict[str, str]:
     }
     if not tp.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("EDTALK_VGG19_WEIGHTS", "HF_HOME", "TRANSFORMERS_OFFLINE"):
-        if key in os.environ:
+    for key in PASSTHROUGH_ENV:
+        if os.environ.get(key):
             env[key] = os.environ[key]
+    if "MLFLOW_TRACKING_URI" in env:
+        env["MLFLOW_TRACKING_URI"] = lineage.tracking_uri()  # a relative sqlite path made absolute
     return env
 
 
