@@ -109,10 +109,11 @@ def step(nets: Nets, batch: dict, p: SyncNetParams) -> StepOut:
     loss = losses.sync_bce_loss(score, label)
     with torch.no_grad():
         acc = ((score > 0.5).to(score.dtype) == label).to(score.dtype).mean()
-        pos, neg = label > 0.5, label < 0.5
-        score_in = score[pos].mean() if pos.any() else score.new_tensor(float("nan"))
-        score_off = score[neg].mean() if neg.any() else score.new_tensor(float("nan"))
-    logs = {"loss": loss, "accuracy": acc, "score_in_sync": score_in, "score_off_sync": score_off}
+    logs = {"loss": loss, "accuracy": acc}
+    if not net.training:  # validation: mean score per label (shuffled training batches may lack one)
+        for name, mask in (("score_in_sync", label > 0.5), ("score_off_sync", label < 0.5)):
+            if mask.any():
+                logs[name] = score[mask].mean()
     return StepOut(loss, logs)
 
 
