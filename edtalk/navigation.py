@@ -71,7 +71,14 @@ class SpaceNavigator(nn.Module):
         self.head = mlp(latent_dim, latent_dim, num_bases, head_layers)
         self.bank = nn.Parameter(torch.randn(latent_dim, num_bases))
 
-    def forward(self, trunk_out: torch.Tensor) -> torch.Tensor:
+    def forward(self, trunk_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Trunk output (B,D) -> W^s (B, n_s); with no input, a copy of the raw bank B^s (D, n_s).
+
+        The bank is read here because ZeRO-3 gathers a module's parameters only around its forward (and backward);
+        a copy, since the gathered storage is released when the forward returns.
+        """
+        if trunk_out is None:
+            return self.bank.clone()
         return self.head(trunk_out)
 
 
@@ -109,7 +116,7 @@ class LatentNavigation(nn.Module):
 
     def bases(self) -> dict[str, torch.Tensor]:
         """{space: Q^s (D, n_s)}, orthonormal within and across spaces."""
-        qs = orthonormalize([self.space(s).bank for s in SPACES])
+        qs = orthonormalize([self.space(s)() for s in SPACES])  # banks read in their forwards (ZeRO-3)
         return dict(zip(SPACES, qs, strict=True))
 
     def motion(
@@ -150,7 +157,7 @@ class LatentNavigationLIA(nn.Module):
         return self.motion_bank(self.trunk(latent))
 
     def bases(self) -> torch.Tensor:
-        return orthonormalize([self.motion_bank.bank])[0]
+        return orthonormalize([self.motion_bank()])[0]  # the bank read in its forward (ZeRO-3)
 
     def motion(self, weights: torch.Tensor) -> torch.Tensor:
         """f^{r->d} = W Qᵀ (B,D)."""
