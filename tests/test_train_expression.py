@@ -79,17 +79,6 @@ def test_window_indices_clamp_at_the_segment_edges():
     assert window_indices(0, 3, 1).tolist() == [0, 0, 0]
 
 
-def test_driver_root_recovers_the_working_directory():
-    from pathlib import Path
-
-    from pipelines.train.stages.expression import _driver_root
-
-    assert _driver_root("models", "/work/proj/models") == Path("/work/proj")
-    assert _driver_root("out/models", "/work/proj/out/models") == Path("/work/proj")
-    assert _driver_root("models", "/work/proj/elsewhere") is None  # not resolved from it
-    assert _driver_root("/abs/models", "/abs/models") is None  # absolute: says nothing about the cwd
-
-
 def test_expression_params_name_what_is_wrong():
     from pipelines.train.stages.expression import ExpressionParams
 

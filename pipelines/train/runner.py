@@ -1,8 +1,8 @@
 """The shared training runner: one Ray Train `TorchTrainer` job per stage run, DeepSpeed engines in every worker.
 
 Driver (`run_stage`): reads params, names the run by a fingerprint of its params and inputs (same name = resume),
-opens or resumes its MLflow run, builds the Ray Datasets, runs the trainer, then writes models/STAGE,
-metrics/STAGE.json and the lineage, and registers the model.
+opens or resumes its MLflow run, builds the Ray Datasets, runs the trainer, then writes models/STAGE (and runs the
+stage's `finalize` hook on it), metrics/STAGE.json and the lineage, and registers the model.
 
 Worker (`worker_loop`): builds the stage's nets from the seed, wraps them in DeepSpeed engines (generator side, and
 D for adversarial stages), restores the last checkpoint if any, and loops: batch -> stage.step -> backward/step,
@@ -459,7 +459,27 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
 
     # ---- outputs: models/STAGE (from the final checkpoint), lineage.json, metrics/STAGE.json, registry
     model_dir = storage.join(models_dir, stage.name)
-    _export_model(result.checkpoint, model_dir)
+    # Built in a local folder (models/STAGE itself when local): the finalize hook and MLflow read local files.
+    remote_model = storage.local_path_or_none(model_dir) is None
+    local_model = Path(_tmpdir()) / stage.name if remote_model else storage.local_path_or_none(model_dir)
+    _export_model(result.checkpoint, local_model)
+    if stage.finalize is not None:
+        print(f"[{stage.name}] finalizing {model_dir} on the driver", flush=True)
+        try:
+            stage.finalize(
+                local_model,
+                stage_registry.FinalizeContext(
+                    data_dir=data_dir,
+                    train_ids=list(train_ids),
+                    val_ids=list(val_ids),
+                    params=sp,
+                    train=tp,
+                    model_section=model_section,
+                ),
+            )
+        except BaseException:
+            lineage.end_run(run_id, uri, status="FAILED")
+            raise
     registered = tp.registered_model_prefix + stage.name if tp.register_model else None
     info = {
         "stage": stage.name,
@@ -473,10 +493,9 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
         "upstream": {name: u.get("run_id", "") for name, u in upstream.items()},
         "registered_model": registered or "",
     }
-    lineage.write_lineage(model_dir, info)
-    local_model = storage.local_path_or_none(model_dir)
-    if local_model is None:
-        local_model = storage.download(model_dir, Path(_tmpdir()) / stage.name)
+    lineage.write_lineage(str(local_model), info)
+    if remote_model:
+        storage.upload(local_model, model_dir)
     version = lineage.log_model_and_register(run_id, local_model, registered, uri)
     if version:
         info["model_version"] = version
@@ -527,16 +546,12 @@ def _rel(path: str) -> str:
         return local.as_posix()
 
 
-def _export_model(ckpt, model_dir: str) -> None:
-    """Copy the final checkpoint's consolidated model folder to models/STAGE (replacing what was there)."""
+def _export_model(ckpt, local: Path) -> None:
+    """Copy the final checkpoint's consolidated model folder to the local folder `local` (replacing it)."""
     with checkpoint.local_copy(ckpt) as path:
         final = path / checkpoint.FINAL_DIR
         if not final.is_dir():
             raise RuntimeError(f"final checkpoint {ckpt.path} has no {checkpoint.FINAL_DIR}/ model folder")
-        local = storage.local_path_or_none(model_dir)
-        if local is not None:
-            if local.exists():
-                shutil.rmtree(local)
-            shutil.copytree(final, local)
-        else:
-            storage.upload(final, model_dir)
+        if local.exists():
+            shutil.rmtree(local)
+        shutil.copytree(final, local)

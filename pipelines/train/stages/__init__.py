@@ -108,6 +108,18 @@ def export_edtalk(nets: Nets, folder) -> None:
 
 
 @dataclass(frozen=True)
+class FinalizeContext:
+    """What the driver hands a stage's `finalize` hook: the run's data and split, and its settings."""
+
+    data_dir: str  # the run's train.data_dir, absolute (or a URI): readable from the driver
+    train_ids: list[str]  # segment ids the run trained on
+    val_ids: list[str]  # segment ids held out for validation
+    params: Any  # the stage's params dataclass (its params.yaml section, overrides applied)
+    train: Any  # the run's TrainParams
+    model_section: dict  # the `model:` section
+
+
+@dataclass(frozen=True)
 class Stage:
     """One training stage, declared. Functions are module-level so Ray can pickle the stage by reference."""
 
@@ -119,7 +131,10 @@ class Stage:
     step: Callable  # (nets, batch of tensors, params) -> StepOut; the runner does backward/step
     grid: Callable  # (nets, batch, params) -> {column name: (B,3,S,S) images} for the sample grid
     upstream: tuple[str, ...] = ()  # stages whose models/NAME it starts from (they must have run)
-    export: Callable = export_edtalk  # (nets, folder) -> writes the model folder models/NAME
+    export: Callable = export_edtalk  # (nets, folder) -> writes the model folder models/NAME (rank-0 worker)
+    # Driver side, after the final model folder is exported and before MLflow logs/registers it:
+    # (local model folder: Path, FinalizeContext) -> None; may rewrite files in the folder (e.g. summaries of data).
+    finalize: Callable | None = None
     adversarial: bool = False  # two engines: the generator side and D (Nets.discriminator)
     row_filter: dict[str, Any] = field(default_factory=dict)  # column == value, e.g. {"kind": "mouth"}
     # ZeRO-3 gathers a parameter only inside its module's forward; EDTalk reads its bases in helper methods (the

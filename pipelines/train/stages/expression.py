@@ -7,8 +7,8 @@ more slowly than the rest), and the EEM adapts the identity features with it. Th
 L1 + perceptual + adversarial, the motion loss (our landmark/latent substitute for EMOCA, edtalk.losses.MotionLoss,
 weight 10 as in the paper) and mouth consistency (Eq. 10).
 
-At export the stage also stores, with the model, the mean expression weights of each emotion label over the
-training segments (`EDTalk.emotion_means`), so `edtalk generate --expression happy` works.
+After training, the driver (Stage.finalize) also stores, with the model, the mean expression weights of each
+emotion label over the training segments (`EDTalk.emotion_means`), so `edtalk generate --expression happy` works.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from pipelines.train import data
 from pipelines.train.samples_visual import expression_windows
-from pipelines.train.stages import Nets, Stage, StepOut, edtalk_nets, export_edtalk
+from pipelines.train.stages import FinalizeContext, Nets, Stage, StepOut, edtalk_nets
 from pipelines.train.stages.autoencoder import perceptual
 
 log = logging.getLogger(__name__)
@@ -208,70 +208,16 @@ def emotion_means(model, data_dir: str, segment_ids, frames_per_segment: int) ->
     return means
 
 
-def _driver_root(relative: str, absolute: str) -> Path | None:
-    """The directory `relative` was resolved against to give `absolute` (the driver's working directory)."""
-    rel = Path(relative)
-    if not relative or rel.is_absolute():
-        return None
-    root = Path(absolute)
-    for _ in rel.parts:
-        root = root.parent
-    return root if (root / rel).resolve() == Path(absolute).resolve() else None
-
-
-def run_spec() -> dict:
-    """The current run's train-loop config (the runner's RunSpec as a dict), with train.data_dir made absolute.
-
-    WORKAROUND until the runner hands stages their data: Stage.export gets only (nets, folder) and runs in the
-    rank-0 worker, whose working directory is not the driver's. The spec is read from Ray Train's context; a
-    relative train.data_dir is resolved against the driver's working directory, found from train.models_dir and
-    the absolute upstream model dirs the runner resolved from it.
-    """
-    from ray.train.v2._internal.execution.context import get_train_context
-
-    from preprocessing import storage
-
-    try:
-        spec = dict(get_train_context().train_run_context.train_loop_config or {})
-    except AttributeError as exc:  # Ray moved its internals: the hook in the runner is the real fix
-        raise RuntimeError(
-            f"expression export: cannot read the run's config from Ray Train's context ({exc}); the per-emotion "
-            "means need the runner to pass the data dir to the stage"
-        ) from exc
-    train = dict(spec.get("train") or {})
-    data_dir = str(train.get("data_dir", ""))
-    if not data_dir:
-        raise RuntimeError("expression export: the run's train config names no data_dir")
-    if not storage.is_remote(data_dir) and not Path(data_dir).is_absolute():
-        roots = [
-            _driver_root(str(train.get("models_dir", "")), str(Path(d).parent))
-            for d in (spec.get("upstream_dirs") or {}).values()
-            if storage.local_path_or_none(d) is not None
-        ]
-        roots = [r for r in roots if r is not None]
-        if not roots:
-            raise RuntimeError(
-                f"expression export: cannot tell where the relative train.data_dir {data_dir!r} points from inside "
-                "a Ray worker; give train.data_dir as an absolute path or URI"
-            )
-        train["data_dir"] = str((roots[0] / data_dir).resolve())
-    spec["train"] = train
-    return spec
-
-
-def export(nets: Nets, folder) -> None:
-    """The model folder (as every EDTalk stage writes it), then the per-emotion means added to its meta.json."""
+def finalize(folder: Path, ctx: FinalizeContext) -> None:
+    """Driver side, on the exported model folder: add the per-emotion mean expression weights over the run's
+    training segments to the model's meta (`EDTalk.emotion_means`)."""
     from edtalk import EDTalk
 
-    export_edtalk(nets, folder)
-    spec = run_spec()
-    frames = int((spec.get("stage_params") or {}).get("emotion_frames", ExpressionParams.emotion_frames))
+    frames = int(ctx.params.emotion_frames)
     if frames == 0:
         return
-    train = spec["train"]
-    train_ids, _, _ = data.train_val_ids(data.segment_splits(train["data_dir"]), float(train["val_fraction"]))
     model = EDTalk.from_pretrained(folder)
-    model.emotion_means = emotion_means(model, train["data_dir"], train_ids, frames)
+    model.emotion_means = emotion_means(model, ctx.data_dir, ctx.train_ids, frames)
     if not model.emotion_means:
         log.warning(
             "expression: no training segment carries an emotion label; the model stores no emotion means"
@@ -288,6 +234,6 @@ STAGE = Stage(
     step=step,
     grid=grid,
     upstream=("eye",),
-    export=export,
+    finalize=finalize,
     adversarial=True,
 )
