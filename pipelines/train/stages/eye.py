@@ -9,8 +9,7 @@ plus self-reconstruction of a and b and the feature loss (Eq. 7) on the eye feat
 the feature terms of the frozen spaces carry no gradient and are left out. The eye bank comes after mouth and pose
 in the ordered QR: their bases stay bitwise what `mouth_pose` left.
 
-`cross` and `swap_losses` take the swapped and the kept spaces as arguments, so they serve any swap stage
-(mouth_pose is `swapped=("mouth",), kept=("pose",)`).
+The cross-reconstruction and its losses are shared with `mouth_pose` (pipelines/train/stages/swap.py).
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ import torch
 
 from pipelines.train.stages import Nets, Stage, StepOut, edtalk_nets
 from pipelines.train.stages.autoencoder import perceptual
-from pipelines.train.stages.mouth_pose import samples as swap_samples
+from pipelines.train.stages.swap import cross, swap_step
+from pipelines.train.stages.swap import samples as swap_samples
 
 SWAPPED = ("eye",)  # the space whose region the pairs swap (trained here)
 KEPT = ("mouth", "pose")  # spaces taken from the rest of the swapped image (frozen here)
@@ -59,83 +59,8 @@ def build(model_section: dict, p: EyeParams, upstream: dict[str, str]) -> Nets:
     return edtalk_nets("eye", model_section, upstream["mouth_pose"], {"perceptual": perceptual(p)})
 
 
-def cross(model, batch: dict, swapped: tuple[str, ...], kept: tuple[str, ...]) -> dict:
-    """Weights of the swapped images and the originals, and the cross-reconstructions Î^a, Î^b (Eq. 3-4)."""
-    spaces = (*kept, *swapped)
-    ident = model.encode_identity(batch["frame_id"])
-    w = {
-        "ab": model.extract(batch["a_on_b"], spaces),  # kept of b, swapped region of a
-        "ba": model.extract(batch["b_on_a"], spaces),  # kept of a, swapped region of b
-        "a": model.extract(batch["frame_a"], spaces),
-        "b": model.extract(batch["frame_b"], spaces),
-    }
-
-    def mix(kept_from: str, swapped_from: str) -> dict[str, torch.Tensor]:
-        return {**{s: w[kept_from][s] for s in kept}, **{s: w[swapped_from][s] for s in swapped}}
-
-    return {
-        "ident": ident,
-        "w": w,
-        "hat_a": model.render(ident, mix("ba", "ab")),
-        "hat_b": model.render(ident, mix("ab", "ba")),
-    }
-
-
-def swap_losses(
-    nets: Nets,
-    batch: dict,
-    swapped: tuple[str, ...],
-    kept: tuple[str, ...],
-    feature_spaces: tuple[str, ...] | None = None,
-) -> dict:
-    """The unweighted terms of a swap stage: rec, per, adv (G side), self, and fea over `feature_spaces` (default:
-    the swapped ones, the only ones a later swap stage trains)."""
-    from edtalk import losses
-
-    model, per_loss = nets.model, nets.extras["perceptual"]
-    a, b = batch["frame_a"], batch["frame_b"]
-    c = cross(model, batch, swapped, kept)
-    rec = losses.l1_reconstruction_loss(c["hat_a"], a) + losses.l1_reconstruction_loss(c["hat_b"], b)
-    per = per_loss(c["hat_a"], a) + per_loss(c["hat_b"], b)
-    fakes = torch.cat([c["hat_a"], c["hat_b"]])
-    adv = losses.generator_adversarial_loss(nets.discriminator(fakes))
-    self_a = model.render(c["ident"], c["w"]["a"])
-    self_b = model.render(c["ident"], c["w"]["b"])
-    self_rec = losses.l1_reconstruction_loss(self_a, a) + losses.l1_reconstruction_loss(self_b, b)
-    self_rec = self_rec + per_loss(self_a, a) + per_loss(self_b, b)
-    # Eq. 7 on f^{r->s} = sum_i w_i q_i: each part of a swapped image must give the features of the frame it came
-    # from (a_on_b: the swapped region of a, the kept spaces of b; b_on_a the other way round).
-    spaces = tuple(swapped if feature_spaces is None else feature_spaces)
-    bases = model.navigation.bases()
-    f = {k: model.navigation.motion({s: c["w"][k][s] for s in spaces}, bases) for k in c["w"]}
-    fea = sum(
-        losses.feature_loss(f["ab"][s], f["a" if s in swapped else "b"][s])
-        + losses.feature_loss(f["ba"][s], f["b" if s in swapped else "a"][s])
-        for s in spaces
-    )
-    return {
-        "rec": rec,
-        "per": per,
-        "adv": adv,
-        "self": self_rec,
-        "fea": fea,
-        "real": torch.cat([a, b]),
-        "fake": fakes,
-    }
-
-
 def step(nets: Nets, batch: dict, p: EyeParams) -> StepOut:
-    t = swap_losses(nets, batch, SWAPPED, KEPT)
-    loss = (
-        p.w_rec * t["rec"]
-        + p.w_per * t["per"]
-        + p.w_adv * t["adv"]
-        + p.w_self * t["self"]
-        + p.w_fea * t["fea"]
-    )
-    logs = {"loss": loss, **{k: t[k] for k in ("rec", "per", "adv", "self", "fea")}}
-    logs["orthogonality"] = torch.tensor(nets.model.orthogonality_error())
-    return StepOut(loss, logs, real=t["real"], fake=t["fake"])
+    return swap_step(nets, batch, p, SWAPPED, KEPT)
 
 
 def grid(nets: Nets, batch: dict, p: EyeParams) -> dict[str, torch.Tensor]:
