@@ -135,11 +135,11 @@ def test_dvc_md5_of_files_and_dirs(tmp_path):
         lineage.dvc_md5(tmp_path / "missing")
 
 
-def test_zero3_is_refused_with_a_clear_error_for_edtalk_stages():
+def test_zero3_is_refused_with_the_reason_for_the_flow_stages():
     from pipelines.train.runner import run_stage
 
-    with pytest.raises(ParamsError, match="ZeRO-3"):
-        run_stage("autoencoder", None, ["train.zero_stage=3"])
+    with pytest.raises(ParamsError, match="ZeRO-3: its step runs the conditional flow's inverse"):
+        run_stage("audio_pose", None, ["train.zero_stage=3"])
 
 
 def test_lineage_tag_keys_are_valid_for_any_uri(tmp_path):

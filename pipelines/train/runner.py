@@ -344,10 +344,11 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     tp = load_train_params(params_path, overrides)
     sp = load_stage_params(stage.params_cls, stage.name, params_path, overrides)
     model_section = load_section(params_path, "model", overrides)
-    if tp.zero_stage == 3 and not stage.zero3:
+    if tp.zero_stage == 3 and stage.name in stage_registry.ZERO3_UNSUPPORTED:
         raise ParamsError(
-            f"train.zero_stage=3: stage {stage.name} does not support ZeRO-3 (its model reads parameters outside "
-            f"a module forward, which ZeRO-3 leaves partitioned); use train.zero_stage 0, 1 or 2"
+            f"train.zero_stage=3: stage {stage.name} cannot run under ZeRO-3: "
+            f"{stage_registry.ZERO3_UNSUPPORTED[stage.name]}, and ZeRO-3 leaves a parameter partitioned outside "
+            f"its module's forward; use train.zero_stage 0, 1 or 2"
         )
     data_dir = _abs(tp.data_dir)
     models_dir = _abs(tp.models_dir)

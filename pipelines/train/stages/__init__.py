@@ -137,9 +137,15 @@ class Stage:
     finalize: Callable | None = None
     adversarial: bool = False  # two engines: the generator side and D (Nets.discriminator)
     row_filter: dict[str, Any] = field(default_factory=dict)  # column == value, e.g. {"kind": "mouth"}
-    # ZeRO-3 gathers a parameter only inside its module's forward; EDTalk reads its bases in helper methods (the
-    # QR of the banks), so EDTalk stages run under ZeRO 0-2 until those reads move into a forward.
-    zero3: bool = False
+
+
+# ZeRO-3 gathers a parameter only around its owning module's forward (and backward), so a stage whose code reads
+# parameters anywhere else cannot run under it. stage -> why; the runner refuses train.zero_stage=3 with the reason.
+ZERO3_UNSUPPORTED: dict[str, str] = {
+    name: "its step runs the conditional flow's inverse, which reads the ActNorm parameters outside a forward "
+    "(edtalk/flow.py _ActNorm.inverse)"
+    for name in ("audio_pose", "audio_eye")
+}
 
 
 def names() -> list[str]:
