@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,99 @@ def media_dir() -> Path:
     if not (MEDIA / "MANIFEST.md").exists():
         pytest.fail(f"real test media not found at {MEDIA}: the project expects ../shared/media beside it")
     return MEDIA
+
+
+# ------------------------------------------------------------------------ training/generate/evaluate fixtures
+# One tiny dataset, one local Ray instance, one MLflow store and one trained autoencoder -> mouth_pose chain for the
+# whole session: each costs seconds to minutes, and every training test module used to build its own.
+
+TRAIN_PARAMS = str(REPO_ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray instance (2 CPUs) for in-process training and preprocessing. Tests that start a cluster of their
+    own give its address to subprocesses (RAY_ADDRESS in their env) and are unaffected. A module that shuts Ray
+    down is tolerated: the training runner starts a local instance again when none is running."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, local_ray) -> Path:
+    """3 SynthTalk speakers x one 2 s clip (one in val), preprocessed to 64 px crops with sidecar landmarks."""
+    from preprocessing.params import PreprocessParams
+    from preprocessing.pipeline import run
+    from preprocessing.synthtalk import SynthConfig, generate_set
+
+    root = tmp_path_factory.mktemp("train-data")
+    cfg = SynthConfig.from_dict(
+        {"identities": 3, "clips_per_identity": 1, "seconds": 2.0, "val_identities": 1, "test_identities": 0}
+    )
+    generate_set(cfg, root / "raw")
+    params = PreprocessParams(size=64, landmark_backend="sidecar", workers=1, pairs_per_segment=2)
+    run(str(root / "raw"), str(root / "processed"), params, progress=False)
+    assert list((root / "processed" / "pairs").glob("*.parquet")), "preprocessing wrote no pairs"
+    return root / "processed"
+
+
+@pytest.fixture(scope="session")
+def tracking(tmp_path_factory):
+    """A session MLflow store (sqlite), set as $MLFLOW_TRACKING_URI while the session lasts."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    mp.undo()
+
+
+def train_overrides(data: Path | str, out: Path | str, **extra) -> list[str]:
+    """--set overrides for a few-step run on `data` with every output under `out` (2 workers, half a CPU each)."""
+    values = {
+        "train.data_dir": data,
+        "train.models_dir": Path(out) / "models",
+        "train.metrics_dir": Path(out) / "metrics",
+        "train.storage_path": Path(out) / "ray",
+        "train.workers": 2,
+        "train.cpus_per_worker": 0.5,
+        "train.batch_size": 2,
+        "train.log_every": 2,
+        "train.checkpoint_every": 2,
+        "train.sample_every": 2,
+        "autoencoder.steps": 4,
+        "autoencoder.pairs_per_segment": 4,
+        "mouth_pose.steps": 2,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@dataclass
+class TrainedChain:
+    """autoencoder (2 workers, 4 steps) then mouth_pose (1 worker, 2 steps), trained once on `tiny_data`."""
+
+    out: Path  # out/models/{autoencoder,mouth_pose}, out/metrics/STAGE.json, out/ray
+    autoencoder: dict  # run_stage's metrics of each stage
+    mouth_pose: dict
+
+    @property
+    def models(self) -> Path:
+        return self.out / "models"
+
+
+@pytest.fixture(scope="session")
+def trained_chain(tiny_data, tracking, tmp_path_factory) -> TrainedChain:
+    """models/autoencoder and models/mouth_pose (with lineage.json and MLflow runs in `tracking`): copy them
+    (never write into them) where a test needs an upstream model."""
+    from pipelines.train.runner import run_stage
+
+    out = tmp_path_factory.mktemp("trained-chain")
+    ae = run_stage("autoencoder", TRAIN_PARAMS, train_overrides(tiny_data, out))
+    mp = run_stage("mouth_pose", TRAIN_PARAMS, train_overrides(tiny_data, out, **{"train.workers": 1}))
+    return TrainedChain(out, ae, mp)

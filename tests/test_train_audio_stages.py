@@ -14,19 +14,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import test_train_stages as shared
 import torch
+from conftest import TRAIN_PARAMS
 from safetensors.torch import load_file
 from test_train_eye import seed_upstream, stage_overrides
 
 pytestmark = pytest.mark.slow
 
-# The dataset, the Ray instance and the MLflow store of the training runtime's tests (one set per module).
-# TODO(training runtime): move these fixtures to tests/conftest.py with session scope and drop these names.
-PARAMS = shared.PARAMS
-ray_cluster = shared.ray_cluster
-tiny_data = shared.tiny_data
-tracking = shared.tracking
+# tiny_data, tracking (and local_ray) are session fixtures of tests/conftest.py, shared by all training tests.
+PARAMS = TRAIN_PARAMS
 
 FEW_STEPS = {
     "syncnet.steps": 2,

@@ -9,16 +9,12 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-import test_train_stages as shared
 import torch
+from conftest import TRAIN_PARAMS
 from test_train_eye import bases, check_run, frozen_and_trained, seed_upstream, stage_overrides
 
-# The dataset, the Ray instance and the MLflow store of the training colleague's tests (one set per module).
-# TODO(training runtime): move these fixtures to tests/conftest.py with session scope and drop these names.
-PARAMS = shared.PARAMS
-ray_cluster = shared.ray_cluster
-tiny_data = shared.tiny_data
-tracking = shared.tracking
+# tiny_data, tracking (and local_ray) are session fixtures of tests/conftest.py, shared by all training tests.
+PARAMS = TRAIN_PARAMS
 
 
 def training_emotions(data_dir) -> set[str]:

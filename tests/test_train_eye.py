@@ -9,18 +9,14 @@ import math
 from pathlib import Path
 
 import pytest
-import test_train_stages as shared
 import torch
+from conftest import TRAIN_PARAMS
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-# The dataset, the Ray instance and the MLflow store of the training colleague's tests (one set per module).
-# TODO(training runtime): move these fixtures to tests/conftest.py with session scope and drop these names.
-PARAMS = shared.PARAMS
-ray_cluster = shared.ray_cluster
-tiny_data = shared.tiny_data
-tracking = shared.tracking
+# tiny_data, tracking (and local_ray) are session fixtures of tests/conftest.py, shared by all training tests.
+PARAMS = TRAIN_PARAMS
 
 
 def seed_upstream(models_dir: Path, stage: str, uri: str, seed: int = 1) -> str:

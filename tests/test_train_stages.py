@@ -5,95 +5,34 @@ same weights as the uninterrupted one."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import TRAIN_PARAMS, train_overrides
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
+PARAMS = TRAIN_PARAMS
+
+# The dataset, Ray instance and MLflow store are session fixtures of tests/conftest.py now (tiny_data, local_ray,
+# tracking; autoencoder -> mouth_pose is `trained_chain`). These names stay importable for modules that still do
+# `shared.tiny_data` etc.: a module attribute that is not a fixture leaves pytest resolving the conftest fixture.
+ray_cluster = tiny_data = tracking = "moved to tests/conftest.py (session fixtures)"
+overrides = train_overrides
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, ray_cluster) -> Path:
-    """3 SynthTalk speakers x one 2 s clip (one in val), preprocessed to 64 px crops with sidecar landmarks."""
-    from preprocessing.params import PreprocessParams
-    from preprocessing.pipeline import run
-    from preprocessing.synthtalk import SynthConfig, generate_set
-
-    root = tmp_path_factory.mktemp("train-data")
-    cfg = SynthConfig.from_dict(
-        {"identities": 3, "clips_per_identity": 1, "seconds": 2.0, "val_identities": 1, "test_identities": 0}
-    )
-    generate_set(cfg, root / "raw")
-    params = PreprocessParams(size=64, landmark_backend="sidecar", workers=1, pairs_per_segment=2)
-    run(str(root / "raw"), str(root / "processed"), params, progress=False)
-    assert list((root / "processed" / "pairs").glob("*.parquet")), "preprocessing wrote no pairs"
-    return root / "processed"
-
-
-def overrides(data: Path, out: Path, **extra) -> list[str]:
-    values = {
-        "train.data_dir": data,
-        "train.models_dir": out / "models",
-        "train.metrics_dir": out / "metrics",
-        "train.storage_path": out / "ray",
-        "train.workers": 2,
-        "train.cpus_per_worker": 0.5,
-        "train.batch_size": 2,
-        "train.log_every": 2,
-        "train.checkpoint_every": 2,
-        "train.sample_every": 2,
-        "autoencoder.steps": 4,
-        "autoencoder.pairs_per_segment": 4,
-        "mouth_pose.steps": 2,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    yield uri
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def autoencoder_run(tiny_data, tracking, tmp_path_factory):
-    from pipelines.train.runner import run_stage
-
-    out = tmp_path_factory.mktemp("run")
-    metrics = run_stage("autoencoder", PARAMS, overrides(tiny_data, out))
-    return out, metrics
-
-
-def test_autoencoder_then_mouth_pose_with_lineage(autoencoder_run, tiny_data, tracking):
+def test_autoencoder_then_mouth_pose_with_lineage(trained_chain, tracking):
     from mlflow import MlflowClient
 
     from edtalk import EDTalk
-    from pipelines.train.runner import run_stage
 
-    out, ae = autoencoder_run
+    out, ae, mp = trained_chain.out, trained_chain.autoencoder, trained_chain.mouth_pose
     assert ae["steps"] == 4 and ae["workers"] == 2
     assert {"rec", "per", "adv", "d_loss"} <= set(ae["losses"]) and ae["samples_per_s"] > 0
     assert json.loads((out / "metrics" / "autoencoder.json").read_text())["run_id"] == ae["run_id"]
     model = EDTalk.from_pretrained(out / "models" / "autoencoder")  # the edtalk API alone, no Ray/DeepSpeed
     assert model.discriminator is not None
 
-    mp = run_stage("mouth_pose", PARAMS, overrides(tiny_data, out, **{"train.workers": 1}))
     assert mp["steps"] == 2 and {"fea", "self", "rec"} <= set(mp["losses"])
 
     c = MlflowClient(tracking)
@@ -126,12 +65,12 @@ def test_autoencoder_then_mouth_pose_with_lineage(autoencoder_run, tiny_data, tr
     assert any(not (a[k] == b[k]).all() for k in a if k.startswith("navigation.mouth"))
 
 
-def test_fault_restart_matches_uninterrupted_run(autoencoder_run, tiny_data, tracking, tmp_path):
+def test_fault_restart_matches_uninterrupted_run(trained_chain, tiny_data, tracking, tmp_path):
     from mlflow import MlflowClient
 
     from pipelines.train.runner import run_stage
 
-    ref_out, ref = autoencoder_run
+    ref_out, ref = trained_chain.out, trained_chain.autoencoder
     extra = {
         "train.fail_at_step": 3,
         "train.fail_rank": 1,
