@@ -4,6 +4,7 @@ tagged in MLflow are the ones DVC recorded in dvc.lock."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -92,3 +93,31 @@ def test_dvc_repro_runs_once_then_nothing(tmp_path):
     run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(lineage["run_id"])
     assert run.data.tags["dvc.md5.data/processed"] == locked["data/processed"]
     assert run.data.tags["dvc.md5.models/autoencoder"] == locked["models/autoencoder"]
+
+
+def test_render_stage_command_makes_a_video_of_a_held_out_identity(tmp_path):
+    """dvc.yaml's `render` command, as written, on SynthTalk clips generated with params.yaml's synth split (short,
+    small) and a tiny audio-capable model standing in for models/audio_expression."""
+    import shlex
+
+    import av
+
+    from edtalk import EDTalk, ModelConfig
+    from preprocessing.synthtalk import SynthConfig, generate_set
+
+    cmd = shlex.split(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["render"]["cmd"])
+    args = dict(zip(cmd[2::2], cmd[3::2], strict=True))
+    assert cmd[:2] == ["edtalk", "generate"] and args["--model"] == "models/audio_expression"
+    synth = yaml.safe_load((REPO / "params.yaml").read_text())["synth"]
+    cfg = SynthConfig.from_dict({**synth, "clips_per_identity": 2, "seconds": 1.0, "size": 64, "workers": 1})
+    generate_set(cfg, tmp_path / "data" / "raw" / "synthtalk")
+    meta = json.loads((tmp_path / Path(args["--identity"]).with_suffix(".json")).read_text())
+    assert meta["split"] == "test", f"render identity {args['--identity']} is in the {meta['split']} split"
+    EDTalk(ModelConfig.preset("tiny")).save_pretrained(tmp_path / "models" / "audio_expression")
+    shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    _run(cmd, tmp_path, env)
+    with av.open(str(tmp_path / args["--output"])) as video:
+        kinds = {s.type for s in video.streams}
+        frames = sum(1 for _ in video.decode(video=0))
+    assert kinds == {"video", "audio"} and frames >= 20, (kinds, frames)
