@@ -32,8 +32,8 @@ def media_dir() -> Path:
 
 
 # ------------------------------------------------------------------------ training/generate/evaluate fixtures
-# One tiny dataset, one local Ray instance, one MLflow store and one trained autoencoder -> mouth_pose chain for the
-# whole session: each costs seconds to minutes, and every training test module used to build its own.
+# One tiny dataset, one local Ray instance and one trained autoencoder -> mouth_pose chain for the whole session:
+# each costs seconds to minutes, and every training test module used to build its own. MLflow stores stay per module.
 
 TRAIN_PARAMS = str(REPO_ROOT / "params.yaml")
 
@@ -71,9 +71,10 @@ def tiny_data(tmp_path_factory, local_ray) -> Path:
     return root / "processed"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
-    """A session MLflow store (sqlite), set as $MLFLOW_TRACKING_URI while the session lasts."""
+    """A fresh MLflow store (sqlite) per test module, set as $MLFLOW_TRACKING_URI while the module runs: modules
+    count the runs of a stage in it, so they must not see each other's (cheap: an empty sqlite file)."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -109,6 +110,7 @@ class TrainedChain:
     out: Path  # out/models/{autoencoder,mouth_pose}, out/metrics/STAGE.json, out/ray
     autoencoder: dict  # run_stage's metrics of each stage
     mouth_pose: dict
+    tracking_uri: str  # the MLflow store holding their runs and registered versions (the chain's own)
 
     @property
     def models(self) -> Path:
@@ -116,12 +118,17 @@ class TrainedChain:
 
 
 @pytest.fixture(scope="session")
-def trained_chain(tiny_data, tracking, tmp_path_factory) -> TrainedChain:
-    """models/autoencoder and models/mouth_pose (with lineage.json and MLflow runs in `tracking`): copy them
-    (never write into them) where a test needs an upstream model."""
+def trained_chain(tiny_data, tmp_path_factory) -> TrainedChain:
+    """models/autoencoder and models/mouth_pose (with lineage.json and MLflow runs in the chain's own store,
+    `tracking_uri`): copy them (never write into them) where a test needs an upstream model."""
     from pipelines.train.runner import run_stage
 
     out = tmp_path_factory.mktemp("trained-chain")
-    ae = run_stage("autoencoder", TRAIN_PARAMS, train_overrides(tiny_data, out))
-    mp = run_stage("mouth_pose", TRAIN_PARAMS, train_overrides(tiny_data, out, **{"train.workers": 1}))
-    return TrainedChain(out, ae, mp)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    # Its own store only while it trains: the modules' `tracking` stores stay theirs.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        ae = run_stage("autoencoder", TRAIN_PARAMS, train_overrides(tiny_data, out))
+        one_worker = train_overrides(tiny_data, out, **{"train.workers": 1})
+        mouth_pose = run_stage("mouth_pose", TRAIN_PARAMS, one_worker)
+    return TrainedChain(out, ae, mouth_pose, uri)

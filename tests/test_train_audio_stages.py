@@ -21,7 +21,7 @@ from test_train_eye import seed_upstream, stage_overrides
 
 pytestmark = pytest.mark.slow
 
-# tiny_data, tracking (and local_ray) are session fixtures of tests/conftest.py, shared by all training tests.
+# tiny_data, tracking (and local_ray) are fixtures of tests/conftest.py, shared by the training tests.
 PARAMS = TRAIN_PARAMS
 
 FEW_STEPS = {

@@ -13,7 +13,7 @@ import torch
 from conftest import TRAIN_PARAMS
 from test_train_eye import bases, check_run, frozen_and_trained, seed_upstream, stage_overrides
 
-# tiny_data, tracking (and local_ray) are session fixtures of tests/conftest.py, shared by all training tests.
+# tiny_data, tracking (and local_ray) are fixtures of tests/conftest.py, shared by the training tests.
 PARAMS = TRAIN_PARAMS
 
 

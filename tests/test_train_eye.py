@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-# tiny_data, tracking (and local_ray) are session fixtures of tests/conftest.py, shared by all training tests.
+# tiny_data, tracking (and local_ray) are fixtures of tests/conftest.py, shared by the training tests.
 PARAMS = TRAIN_PARAMS
 
 

@@ -14,14 +14,15 @@ pytestmark = pytest.mark.slow
 
 PARAMS = TRAIN_PARAMS
 
-# The dataset, Ray instance and MLflow store are session fixtures of tests/conftest.py now (tiny_data, local_ray,
-# tracking; autoencoder -> mouth_pose is `trained_chain`). These names stay importable for modules that still do
-# `shared.tiny_data` etc.: a module attribute that is not a fixture leaves pytest resolving the conftest fixture.
-ray_cluster = tiny_data = tracking = "moved to tests/conftest.py (session fixtures)"
+# The dataset and Ray instance are session fixtures of tests/conftest.py now (tiny_data, local_ray; the MLflow store
+# `tracking` is per module; autoencoder -> mouth_pose is the session's `trained_chain`). These names stay importable
+# for modules that still do `shared.tiny_data`: a module attribute that is not a fixture leaves pytest resolving the
+# conftest fixture.
+ray_cluster = tiny_data = tracking = "moved to tests/conftest.py (fixtures)"
 overrides = train_overrides
 
 
-def test_autoencoder_then_mouth_pose_with_lineage(trained_chain, tracking):
+def test_autoencoder_then_mouth_pose_with_lineage(trained_chain):
     from mlflow import MlflowClient
 
     from edtalk import EDTalk
@@ -35,7 +36,7 @@ def test_autoencoder_then_mouth_pose_with_lineage(trained_chain, tracking):
 
     assert mp["steps"] == 2 and {"fea", "self", "rec"} <= set(mp["losses"])
 
-    c = MlflowClient(tracking)
+    c = MlflowClient(trained_chain.tracking_uri)
     ae_run, mp_run = c.get_run(ae["run_id"]), c.get_run(mp["run_id"])
     for run in (ae_run, mp_run):
         assert run.info.status == "FINISHED"
