@@ -329,7 +329,9 @@ def log_run(metrics, params, model_path, folder: Path, data_dir, output, videos,
         tags["upstream.model.stage"] = info.get("stage", folder.name)
         if info.get("model_version"):
             tags["upstream.model.version"] = info["model_version"]
-    tags.update({f"dvc.md5.{p}": h for p, h in lineage.input_hashes([str(folder), data_dir]).items()})
+    tags.update(
+        {lineage.tag_key("dvc.md5", p): h for p, h in lineage.input_hashes([str(folder), data_dir]).items()}
+    )
     lineage.set_tags(run_id, tags, uri)
     lineage.log_params(run_id, {"evaluate": params.to_dict()}, uri)
     flat = {

@@ -132,3 +132,8 @@ def trained_chain(tiny_data, tmp_path_factory) -> TrainedChain:
         one_worker = train_overrides(tiny_data, out, **{"train.workers": 1})
         mouth_pose = run_stage("mouth_pose", TRAIN_PARAMS, one_worker)
     return TrainedChain(out, ae, mouth_pose, uri)
+
+
+def pytest_addoption(parser):
+    # tests/test_learning_stages.py: rewrite tests/golden/learning.json from this run instead of comparing with it.
+    parser.addoption("--update-golden", action="store_true", help="regenerate tests/golden/*.json")
