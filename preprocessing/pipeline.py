@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import tempfile
@@ -72,7 +73,18 @@ class SourceProcessor:
         self._backend = None
         self._encoder = None
         self._transcriber = None
+        self._limit_threads()
         self._warm_up()
+
+    def _limit_threads(self) -> None:
+        """One worker = its share of CPUs: OpenCV and torch default to a thread per core, which makes one worker
+        take more than its share and the workers contend instead of scaling."""
+        import cv2
+        import torch
+
+        n = max(1, math.floor(self.p.cpus_per_worker))
+        cv2.setNumThreads(n)
+        torch.set_num_threads(n)
 
     def _warm_up(self) -> None:
         """Pay one-time costs (landmark model load, librosa's first-call JIT) when the worker starts, so each
@@ -519,11 +531,14 @@ def _run_ray(pending: list[Source], output: str, params: PreprocessParams, progr
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     workers = max(1, min(params.workers, len(pending)))
-    ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
+    # Largest inputs first (longest-processing-time order): the last video no longer runs alone while the other
+    # workers idle. A fixed pool of `workers` actors: an autoscaling pool starts with one and adds the rest late.
+    ordered = sorted(pending, key=lambda s: -s.size)
+    ds = ray.data.from_items([s.to_dict() for s in ordered], override_num_blocks=len(ordered))
     ds = ds.map(
         SourceProcessor,
         fn_constructor_kwargs={"params": params.to_dict(), "output": output},
-        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        compute=ActorPoolStrategy(size=workers),
         num_cpus=params.cpus_per_worker,
     )
     return ds.take_all()

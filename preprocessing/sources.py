@@ -41,6 +41,7 @@ class Source:
     txt: str | None = None  # sidecar NAME.txt
     json: str | None = None  # sidecar NAME.json
     hash: str = ""  # content hash (see module docstring)
+    size: int = -1  # bytes (-1: unknown); the largest inputs are scheduled first
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +146,10 @@ def discover(input_spec: str) -> list[Source]:
 
 def content_hash(uri: str) -> str:
     """sha256 of size + first, middle and last MiB (hex, first 32 chars)."""
+    return _hash_and_size(uri)[0]
+
+
+def _hash_and_size(uri: str) -> tuple[str, int]:
     fs, path = storage.resolve(uri)
     h = hashlib.sha256()
     with fs.open_input_file(path) as f:
@@ -153,7 +158,7 @@ def content_hash(uri: str) -> str:
         for offset in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
             f.seek(offset)
             h.update(f.read(min(SAMPLE, size - offset)))
-    return h.hexdigest()[:32]
+    return h.hexdigest()[:32], size
 
 
 def hash_all(sources: list[Source], threads: int = 8) -> list[Source]:
@@ -162,7 +167,7 @@ def hash_all(sources: list[Source], threads: int = 8) -> list[Source]:
 
     def one(src: Source) -> Source:
         try:
-            src.hash = content_hash(src.uri)
+            src.hash, src.size = _hash_and_size(src.uri)
         except OSError:
             src.hash = "path-" + hashlib.sha256(src.uri.encode()).hexdigest()[:27]
         return src
