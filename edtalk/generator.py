@@ -16,7 +16,8 @@ class FlowHead(nn.Module):
     """Per-scale warp: a modulated 1x1 conv predicts a sampling-grid offset (2 ch) and a blend mask (1 ch).
 
     The logits of the coarser scale are upsampled and added, so the flow is refined coarse to fine. The identity
-    skip feature is warped by grid_sample and blended with the generated feature: mask * warped + (1-mask) * gen.
+    skip feature is warped by grid_sample and masked; the masked warp feeds the image (ToRGB) and, blended with the
+    generated feature (mask * warped + (1-mask) * gen), the next scale's convolutions.
     """
 
     def __init__(self, channels: int, style_dim: int, blur_kernel: Sequence[int] = (1, 3, 3, 1)) -> None:
@@ -34,7 +35,8 @@ class FlowHead(nn.Module):
         style: torch.Tensor,
         identity_feat: torch.Tensor,
         prev_logits: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (blended feature for the next scale, masked warped identity feature for ToRGB, flow logits)."""
         logits = self.conv(gen, style) + self.bias.view(1, 3, 1, 1).to(gen.dtype)
         if prev_logits is not None:
             logits = logits + self.upsample(prev_logits)
@@ -45,15 +47,19 @@ class FlowHead(nn.Module):
         grid = base.unsqueeze(0) + torch.tanh(logits[:, 0:2]).permute(0, 2, 3, 1)
         mask = torch.sigmoid(logits[:, 2:3])
         # align_corners=True: the linspace grid then samples pixel centres exactly (zero offset = identity warp).
-        warped = F.grid_sample(identity_feat.to(gen.dtype), grid, align_corners=True)
-        return warped * mask + gen * (1.0 - mask), logits
+        warped = F.grid_sample(identity_feat.to(gen.dtype), grid, align_corners=True) * mask
+        return warped + gen * (1.0 - mask), warped, logits
 
 
 class Generator(nn.Module):
     """f^{i->d} (B,D) + identity features [8..S] (optionally EEM-modulated) -> image (B,3,S,S).
 
     From a learned 4x4 constant, each scale 8..S runs an upsampling and a plain modulated conv, the flow head that
-    warps the identity feature of that scale in, and a ToRGB whose output is accumulated across scales.
+    warps the identity feature of that scale in, and a ToRGB of the masked warped identity feature whose output is
+    accumulated across scales. The image is made of warped identity features only (as in LIA): the latent decides
+    where each feature comes from and how much of it shows, so the cheapest way to lower the loss is to move the
+    features with the driving motion, not to copy the source or paint from the latent. A generator that may also
+    paint from its own features learned the driving motion more slowly on SynthTalk (docs/training.md).
     """
 
     def __init__(
@@ -101,6 +107,6 @@ class Generator(nn.Module):
             out = conv(up_conv(out, latent), latent)
             if feat.shape[0] != b:
                 feat = feat.expand(b, -1, -1, -1)
-            out, logits = flow(out, latent, feat, logits)
-            rgb = to_rgb(out, latent, rgb)
+            out, warped, logits = flow(out, latent, feat, logits)
+            rgb = to_rgb(warped, latent, rgb)
         return rgb

@@ -68,14 +68,17 @@ def test_flow_head_zero_offset_is_the_identity_warp_and_offsets_move_it() -> Non
     gen, feat, style = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 8)
     with torch.no_grad():
         head.bias.copy_(torch.tensor([0.0, 0.0, 30.0]))  # no offset, mask ~1: the warped identity feature
-        out, _ = head(gen, style, feat)
+        out, warped, _ = head(gen, style, feat)
         torch.testing.assert_close(out, feat, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(warped, feat, atol=1e-5, rtol=1e-5)
         head.bias.copy_(torch.tensor([0.3, 0.0, 30.0]))  # shift right by 0.3 * (W-1)/2 pixels
-        out, _ = head(gen, style, feat)
+        out, warped, _ = head(gen, style, feat)
         assert not torch.allclose(out, feat, atol=1e-2)
-        head.bias.copy_(torch.tensor([0.0, 0.0, -30.0]))  # mask ~0: the generated feature
-        out, _ = head(gen, style, feat)
+        assert not torch.allclose(warped, feat, atol=1e-2)
+        head.bias.copy_(torch.tensor([0.0, 0.0, -30.0]))  # mask ~0: the generated feature; nothing for ToRGB
+        out, warped, _ = head(gen, style, feat)
         torch.testing.assert_close(out, gen, atol=1e-5, rtol=1e-5)
+        assert warped.abs().max() < 1e-5
 
 
 # ---- navigation -----------------------------------------------------------------------------------------------
