@@ -196,3 +196,80 @@ def test_worker_env_carries_tracking_and_storage_settings(monkeypatch, tmp_path)
     assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert _worker_env(tp)["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+class _PartlyFrozen(torch.nn.Module):
+    """A trained head (with dropout) on a frozen BatchNorm trunk, like E_a under the audio stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(
+            torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)
+        )
+        self.head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 1))
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.head(self.act(self.trunk(x)))
+
+
+def _train_step(model, trainable, mode) -> None:
+    from pipelines.train.stages import Nets
+
+    nets = Nets(model=model, trainable=trainable, extras={"helper": torch.nn.BatchNorm1d(4)})
+    mode(nets)
+    opt = torch.optim.Adam(trainable, lr=0.1)
+    x = torch.randn(8, 4) * 3 + 2
+    loss = model(x).pow(2).mean() + nets.extras["helper"](x).mean()
+    loss.backward()
+    opt.step()
+
+
+def test_runner_keeps_frozen_modules_in_eval_mode_while_training():
+    from pipelines.train.runner import frozen_modules, train_mode
+
+    torch.manual_seed(0)
+    model = _PartlyFrozen()
+    model.trunk.requires_grad_(False)
+    trainable = list(model.head.parameters())
+    assert frozen_modules(model, trainable) == [model.trunk]  # parameter-free modules follow their parent
+    bn = model.trunk[1]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+
+    frozen = frozen_modules(model, trainable)
+    _train_step(model, trainable, lambda nets: train_mode(nets, frozen))
+    assert all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items()), (
+        "a frozen BatchNorm's stats moved"
+    )
+    assert not model.trunk.training and not model.trunk[2].training  # no dropout in frozen modules
+    assert model.training and model.head.training and model.head[0].training  # the trained part trains
+    # The check can fail: train() on the whole model (what the runner did before) moves the frozen statistics.
+    _train_step(model, trainable, lambda nets: nets.model.train())
+    assert not torch.equal(before["running_mean"], bn.running_mean)
+
+
+def test_every_stage_keeps_its_frozen_batchnorms_in_eval_mode():
+    from conftest import TRAIN_PARAMS
+
+    from edtalk import EDTalk, ModelConfig
+    from edtalk.stages import STAGES, apply_stage
+    from pipelines.train.runner import frozen_modules, train_mode
+    from pipelines.train.stages import Nets
+    from preprocessing.params import load_section
+
+    model = EDTalk(ModelConfig.from_params(load_section(TRAIN_PARAMS, "model", [])))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms, "the model has no BatchNorm: this test checks nothing"
+    frozen_bn_seen = set()
+    for name in STAGES:
+        trainable = apply_stage(model, name)
+        train_mode(Nets(model=model, trainable=trainable), frozen_modules(model, trainable))
+        ids = {id(p) for p in trainable}
+        for m in norms:
+            trained = any(id(p) in ids for p in m.parameters())
+            assert m.training == trained, (
+                f"stage {name}: trained={trained} but BatchNorm training={m.training}"
+            )
+            if not trained:
+                frozen_bn_seen.add(name)
+    assert {"audio_pose", "audio_expression"} <= frozen_bn_seen

@@ -24,6 +24,9 @@ from preprocessing.schema import SAMPLES_PER_FRAME, decode_jpeg, decode_pair, f3
 log = logging.getLogger(__name__)
 
 UDF_CPUS = 0.25  # fractional, so transforms never starve the read tasks on a 2-core machine
+# Decoded training samples up to this size are built once and kept in Ray's object store for the whole run
+# (a stage's samples are the same every epoch: seeded by segment); larger sets stream read -> decode every epoch.
+CACHE_MB = 1024
 
 RowFn = Callable[[dict], list[dict]]  # one table row -> the training samples built from it
 
@@ -111,6 +114,67 @@ def samples_dataset(data_dir: str, table: str, ids: list[str], row_filter: dict[
 
     ds = ray.data.read_parquet(paths, filesystem=fs)
     return ds.map_batches(keep, batch_format="pyarrow", num_cpus=UDF_CPUS).flat_map(fn, num_cpus=UDF_CPUS)
+
+
+def _nbytes(sample: dict) -> int:
+    return sum(np.asarray(v).nbytes for v in sample.values())
+
+
+def estimate_bytes(
+    data_dir: str, table: str, ids: list[str], row_filter: dict[str, Any], fn: RowFn, probe_rows: int = 4
+) -> tuple[int, int]:
+    """(matching rows, estimated bytes of all their decoded samples): the samples of the first `probe_rows`
+    matching rows are built here and their mean size per row is scaled by the row count (read from the id and
+    filter columns only)."""
+    conditions = dict(row_filter or {})
+    columns = ["segment_id", *conditions]
+    rows = 0
+    for uri in table_files(data_dir, table):
+        fs, path = storage.resolve(uri)
+        part = pq.read_table(path, filesystem=fs, columns=columns)
+        rows += int(pc.sum(pc.cast(_mask(part, ids, conditions), pa.int64())).as_py() or 0)
+    probed, size = 0, 0
+    for uri in table_files(data_dir, table):
+        fs, path = storage.resolve(uri)
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=probe_rows):
+            part = pa.Table.from_batches([batch])
+            for row in part.filter(_mask(part, ids, conditions)).to_pylist():
+                size += sum(_nbytes(x) for x in fn(row))
+                probed += 1
+                if probed >= probe_rows:
+                    return rows, size * rows // probed
+    return rows, (size * rows // probed) if probed else 0
+
+
+def fits_cache(estimated_bytes: int, budget_mb: float) -> bool:
+    return budget_mb > 0 and estimated_bytes <= budget_mb * 2**20
+
+
+def cache_if_fits(ds, estimated_bytes: int, budget_mb: float, name: str = "train"):
+    """`ds` materialized in Ray's object store when its estimated size fits `budget_mb` (0 = never), else as is.
+
+    Returns (dataset, cached). A materialized dataset is read -> decoded once: every later epoch (and a restarted
+    worker) iterates the stored blocks instead of re-running the pipeline, which on small sets costs more than the
+    training steps. Built in order (preserve_order), so the samples and their order match the streamed dataset.
+    """
+    import time
+
+    if not fits_cache(estimated_bytes, budget_mb):
+        return ds, False
+    # The dataset's own context (a copy taken when it was made): without preserve_order the blocks (and rows) of
+    # the flat_map come in completion order, so the cache would differ run to run and break restarts.
+    ds.context.execution_options.preserve_order = True
+    t0 = time.perf_counter()
+    cached = ds.materialize()
+    log.info(
+        "%s samples cached in the object store: %d rows, %.1f MiB (estimated %.1f), %.1f s",
+        name,
+        cached.count(),
+        cached.size_bytes() / 2**20,
+        estimated_bytes / 2**20,
+        time.perf_counter() - t0,
+    )
+    return cached, True
 
 
 def local_samples(

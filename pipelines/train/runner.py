@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # ================================================================================================== worker side
 
+# Per-window throughput numbers of a progress line (MLflow metrics, not loss terms).
+WINDOW_KEYS = ("samples_per_s", "data_wait_frac")
+
 
 def _ds_config(tp: TrainParams) -> dict:
     return {
@@ -76,6 +79,43 @@ def _avg_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _scalar(value) -> float:
+    """A logged term as a Python float, detached first (no autograd bookkeeping for a number to print)."""
+    return float(value.detach()) if hasattr(value, "detach") else float(value)
+
+
+def frozen_modules(root, trainable) -> list:
+    """The outermost submodules of `root` that hold parameters and train none of them (`trainable`: the
+    parameters the stage optimises). Parameter-free modules (dropout, activations) follow their parent."""
+    trainable_ids = {id(p) for p in trainable}
+
+    def walk(module) -> list:
+        out = []
+        for child in module.children():
+            params = list(child.parameters())
+            if not params:
+                continue
+            if any(id(p) in trainable_ids for p in params):
+                out.extend(walk(child))
+            else:
+                out.append(child)
+        return out
+
+    return walk(root)
+
+
+def train_mode(nets, frozen: list) -> None:
+    """Training mode for what the stage trains only: frozen modules and the frozen helpers (`nets.extras`) stay in
+    eval mode, so their BatchNorm running statistics do not move and their dropout is off."""
+    nets.model.train()
+    for module in frozen:
+        module.eval()
+    for module in nets.extras.values():
+        module.eval()
+    if nets.discriminator is not None:
+        nets.discriminator.train()
 
 
 def grid_image(columns: dict, max_rows: int = 4) -> np.ndarray:
@@ -117,6 +157,7 @@ def worker_loop(config: dict) -> None:
 
     torch.manual_seed(tp.seed)  # identical initialisation on every rank and every attempt
     nets = stage.build(spec.model, sp, spec.upstream_dirs)
+    frozen = frozen_modules(nets.model, nets.trainable)  # before DeepSpeed wraps anything
     nets.model.to(device)
     for module in nets.extras.values():
         module.to(device)
@@ -157,8 +198,8 @@ def worker_loop(config: dict) -> None:
         with torch.no_grad(), autocast:
             for b in val_batches:
                 for k, v in stage.step(nets, inputs(b), sp).logs.items():
-                    out.setdefault(f"val_{k}", []).append(float(v))
-        nets.model.train()
+                    out.setdefault(f"val_{k}", []).append(_scalar(v))
+        train_mode(nets, frozen)
         return {k: float(np.mean(v)) for k, v in out.items()}
 
     def log_grid(step: int) -> None:
@@ -167,7 +208,7 @@ def worker_loop(config: dict) -> None:
         nets.model.eval()
         with torch.no_grad(), autocast:
             cols = stage.grid(nets, inputs(grid_batch), sp)
-        nets.model.train()
+        train_mode(nets, frozen)
         if rank == 0 and run_id:
             lineage.log_image(run_id, grid_image(cols), f"samples/step_{step:06d}.png", uri)
             lineage.set_tags(run_id, {"samples.columns": " | ".join(cols)}, uri)
@@ -193,10 +234,10 @@ def worker_loop(config: dict) -> None:
         finally:
             tmp.cleanup()
 
-    nets.model.train()
+    train_mode(nets, frozen)
     window_t, window_samples = time.perf_counter(), 0
     sums: dict[str, float] = {}
-    counts, overhead = 0, 0.0
+    counts, overhead, window_wait = 0, 0.0, 0.0
     while state["step"] < spec.max_steps:
         it = train_shard.iter_torch_batches(
             batch_size=tp.batch_size,
@@ -206,11 +247,14 @@ def worker_loop(config: dict) -> None:
             local_shuffle_seed=(tp.seed * 100003 + state["epoch"]) if tp.shuffle_buffer else None,
         )
         seen = 0
+        t_ready = time.perf_counter()
         for i, raw in enumerate(it):
             seen += 1
             if i < state["batch_in_epoch"]:
+                t_ready = time.perf_counter()
                 continue  # replaying the epoch up to where the checkpoint left it
             t0 = time.perf_counter()
+            window_wait += t0 - t_ready  # waiting for the data pipeline (batch not ready yet)
             # Per-micro-step seed: any randomness in a step is the same after a restart.
             torch.manual_seed(tp.seed * 1000003 + state["micro"] * 131 + rank)
             batch = inputs(raw)
@@ -220,7 +264,7 @@ def worker_loop(config: dict) -> None:
                 out = stage.step(nets, batch, sp)
             g_engine.backward(out.loss)
             g_engine.step()
-            logs = {k: float(v) for k, v in out.logs.items()}
+            logs = {k: _scalar(v) for k, v in out.logs.items()}
             if d_engine is not None:
                 nets.discriminator.requires_grad_(True)
                 from edtalk.losses import discriminator_adversarial_loss
@@ -229,7 +273,7 @@ def worker_loop(config: dict) -> None:
                     d_loss = discriminator_adversarial_loss(d_engine(out.real), d_engine(out.fake.detach()))
                 d_engine.backward(d_loss)
                 d_engine.step()
-                logs["d_loss"] = float(d_loss)
+                logs["d_loss"] = _scalar(d_loss)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             counts += 1
@@ -240,6 +284,7 @@ def worker_loop(config: dict) -> None:
             window_samples += n
             state["train_s"] += time.perf_counter() - t0
             if state["micro"] % tp.grad_accum:
+                t_ready = time.perf_counter()
                 continue
             state["step"] += 1
             step = state["step"]
@@ -248,18 +293,19 @@ def worker_loop(config: dict) -> None:
                 elapsed = time.perf_counter() - window_t - overhead
                 avg = _avg_over_ranks({k: v / counts for k, v in sums.items()}, device)
                 avg["samples_per_s"] = window_samples / max(elapsed, 1e-9)
+                avg["data_wait_frac"] = window_wait / max(elapsed, 1e-9)
                 avg.update(validate())
                 state["logs"] = avg
                 if rank == 0:
-                    shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(avg.items()) if k != "samples_per_s")
+                    shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(avg.items()) if k not in WINDOW_KEYS)
                     print(
                         f"[{stage.name}] step {step}/{spec.max_steps} {shown} "
-                        f"{avg['samples_per_s']:.1f} samples/s",
+                        f"{avg['samples_per_s']:.2f} samples/s ({avg['data_wait_frac']:.0%} data wait)",
                         flush=True,
                     )
                     if run_id:
                         lineage.log_metrics(run_id, avg, step, uri)
-                sums, counts, overhead = {}, 0, 0.0
+                sums, counts, overhead, window_wait = {}, 0, 0.0, 0.0
                 window_t, window_samples = time.perf_counter(), 0
             t_aside = time.perf_counter()  # grids and checkpoints do not count against samples/s
             if tp.sample_every and step % tp.sample_every == 0 and not last:
@@ -270,6 +316,7 @@ def worker_loop(config: dict) -> None:
             checkpoint.maybe_inject_fault(spec.run_dir, step, tp.fail_at_step, tp.fail_rank, rank)
             if last:
                 break
+            t_ready = time.perf_counter()
         if seen == 0:
             raise RuntimeError(
                 f"stage {stage.name}: worker {rank} got no training batch of {tp.batch_size} samples; the data "
@@ -398,9 +445,23 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     )
     lineage.set_tags(run_id, {"data.val_split": how}, uri)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds = data.samples_dataset(
-        data_dir, stage.table, train_ids, stage.row_filter, stage.samples(sp, tp.seed)
+    row_fn = stage.samples(sp, tp.seed)
+    train_ds = data.samples_dataset(data_dir, stage.table, train_ids, stage.row_filter, row_fn)
+    # train.cache_mb when the params have it, else the default budget.
+    budget_mb = getattr(tp, "cache_mb", data.CACHE_MB)
+    n_rows, est_bytes = data.estimate_bytes(data_dir, stage.table, train_ids, stage.row_filter, row_fn)
+    fits = data.fits_cache(est_bytes, budget_mb)
+    print(
+        f"[{stage.name}] training samples of {n_rows} {stage.table} rows, ~{est_bytes / 2**20:.1f} MiB decoded: "
+        + (
+            "built once into the object store"
+            if fits
+            else f"streamed every epoch (cache budget {budget_mb} MiB)"
+        ),
+        flush=True,
     )
+    train_ds, cached = data.cache_if_fits(train_ds, est_bytes, budget_mb, stage.name)
+    lineage.set_tags(run_id, {"data.cached": str(cached).lower()}, uri)
     val_samples = []
     if tp.val_batches:
         rows = data.local_samples(
@@ -508,9 +569,10 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     metrics = {
         "stage": stage.name,
         "steps": steps,
-        "losses": {k: v for k, v in final.items() if k != "samples_per_s" and not k.startswith("val_")},
+        "losses": {k: v for k, v in final.items() if k not in WINDOW_KEYS and not k.startswith("val_")},
         "val_losses": {k[4:]: v for k, v in final.items() if k.startswith("val_")},
         "samples_per_s": final.get("samples_per_s"),  # last progress window, wall clock
+        "data_wait_frac": final.get("data_wait_frac"),  # share of that window spent waiting for batches
         "step_samples_per_s": step_rate,  # whole run, step compute only
         "wall_s": round(wall_s, 2),
         "workers": tp.workers,
