@@ -273,3 +273,18 @@ def test_every_stage_keeps_its_frozen_batchnorms_in_eval_mode():
             if not trained:
                 frozen_bn_seen.add(name)
     assert {"audio_pose", "audio_expression"} <= frozen_bn_seen
+
+
+def test_sample_size_estimate_counts_matching_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "segments").mkdir()
+    rows = [_segment(f"seg-{i}", size=16) for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "segments" / "part-0.parquet")
+    fn = data.frame_pairs(3, seed=0)
+    n, size = data.estimate_bytes(
+        str(tmp_path), "segments", ["seg-1", "seg-3", "seg-4"], {}, fn, probe_rows=2
+    )
+    assert (n, size) == (3, 3 * 3 * 2 * 16 * 16 * 3)  # rows x pairs x 2 images of 16x16x3 uint8
+    assert data.fits_cache(size, 1) and not data.fits_cache(size, 0) and not data.fits_cache(2**30, 1)
