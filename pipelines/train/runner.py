@@ -86,6 +86,12 @@ def _scalar(value) -> float:
     return float(value.detach()) if hasattr(value, "detach") else float(value)
 
 
+def _detached(value):
+    """A logged term kept as a detached tensor: summed on its device and read once per progress window (on a GPU,
+    reading it every step would wait for the step to finish)."""
+    return value.detach().float() if hasattr(value, "detach") else float(value)
+
+
 def frozen_modules(root, trainable) -> list:
     """The outermost submodules of `root` that hold parameters and train none of them (`trainable`: the
     parameters the stage optimises). Parameter-free modules (dropout, activations) follow their parent."""
@@ -264,7 +270,7 @@ def worker_loop(config: dict) -> None:
                 out = stage.step(nets, batch, sp)
             g_engine.backward(out.loss)
             g_engine.step()
-            logs = {k: _scalar(v) for k, v in out.logs.items()}
+            logs = {k: _detached(v) for k, v in out.logs.items()}
             if d_engine is not None:
                 nets.discriminator.requires_grad_(True)
                 from edtalk.losses import discriminator_adversarial_loss
@@ -273,7 +279,7 @@ def worker_loop(config: dict) -> None:
                     d_loss = discriminator_adversarial_loss(d_engine(out.real), d_engine(out.fake.detach()))
                 d_engine.backward(d_loss)
                 d_engine.step()
-                logs["d_loss"] = _scalar(d_loss)
+                logs["d_loss"] = _detached(d_loss)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             counts += 1
@@ -291,7 +297,7 @@ def worker_loop(config: dict) -> None:
             last = step >= spec.max_steps
             if step % tp.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_t - overhead
-                avg = _avg_over_ranks({k: v / counts for k, v in sums.items()}, device)
+                avg = _avg_over_ranks({k: _scalar(v) / counts for k, v in sums.items()}, device)
                 avg["samples_per_s"] = window_samples / max(elapsed, 1e-9)
                 avg["data_wait_frac"] = window_wait / max(elapsed, 1e-9)
                 avg.update(validate())
