@@ -220,15 +220,10 @@ def main() -> None:
         "--cache-mb",
         type=float,
         default=None,
-        help="the runner's sample cache budget (default: pipelines.train.data.CACHE_MB; 0 = stream every epoch)",
+        help="the runner's sample cache budget, train.cache_mb (default: params.yaml; 0 = stream every epoch)",
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
     args = ap.parse_args()
-    from pipelines.train import data as train_data
-
-    if args.cache_mb is not None:  # the driver (this process) reads the budget when it builds the dataset
-        train_data.CACHE_MB = args.cache_mb
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -243,6 +238,11 @@ def main() -> None:
         f"train.batch_size={args.batch_size}",
         f"{STAGE}.pairs_per_segment={args.pairs_per_segment}",
     ]
+    if args.cache_mb is not None:
+        overrides.append(f"train.cache_mb={args.cache_mb:g}")
+    from preprocessing.params import load_section
+
+    cache_mb = load_section(str(ROOT / "params.yaml"), "train", overrides).get("cache_mb", 0)
     # plain, then (runner, plain) x rounds: each runner run is compared with the plain segments just before and
     # after it, so load that changes during the bench (shared machine) hits both sides of every ratio alike.
     plains, rays, ratios = [], [], []
@@ -301,8 +301,8 @@ def main() -> None:
             "plain": "preloaded in memory",
             "ray": "Ray Data, preserve_order; "
             + (
-                f"decoded samples built once into the object store (cache budget {train_data.CACHE_MB} MiB)"
-                if train_data.CACHE_MB > 0
+                f"decoded samples built once into the object store (cache budget {cache_mb} MiB)"
+                if cache_mb > 0
                 else "read -> decode re-run every epoch (cache off)"
             ),
         },

@@ -53,16 +53,45 @@ STAGES = {
     "syncnet": {"steps": 2, "pairs_per_segment": 8},
     "audio_lip": {"steps": 40, "lr": 0.003, "clips_per_segment": 16},
 }
-# Hard floors that hold whatever the golden file says: a test against them can fail.
-# Known failure (see KNOWN_FAILURE): run these with EDTALK_LEARNING_FULL=1; strict, so a fix shows up as XPASS.
+# The full budget (EDTALK_LEARNING_FULL=1; about 25 min on 2 CPUs, not in CI): enough autoencoder steps for the generator
+# to render the driving motion (below ~500 steps its output barely follows the driving frame, so MLN and PLN would
+# have no mouth or pose to separate), then the stages that rely on it. CI runs the short budget above, which checks
+# only that reconstruction falls.
 FULL = os.environ.get("EDTALK_LEARNING_FULL") == "1"
+if FULL:
+    STAGES = {
+        **STAGES,
+        "autoencoder": {
+            "steps": 1000,
+            "lr": 0.003,
+            "w_adv": 0.02,
+            "pairs_per_segment": 64,
+            "perceptual_scales": [0.5],
+        },
+        "mouth_pose": {"steps": 200, "lr": 0.01, "perceptual_scales": [0.5]},
+        "audio_lip": {"steps": 200, "lr": 0.003, "clips_per_segment": 16},
+    }
+    TRAIN = {**TRAIN, "train.log_every": 50}
+    GOLDEN = GOLDEN.with_name("learning_full.json")
+full_only = pytest.mark.skipif(not FULL, reason="needs the full budget: EDTALK_LEARNING_FULL=1")
+# Known failures of the full budget (strict: a fix shows up as XPASS). Measured at the settings above: the autoencoder
+# follows the driving motion on the training speakers (L1 0.86 x the copy-the-source level) but not on the held-out
+# one (1.29 x), whose val segment these two tests score: a mouth swap moves mostly pixels outside the mouth
+# (0.11 of the energy inside the dilated hull, floor 0.6), and the audio-predicted mouth weights predict mouth_open
+# with R² 0.52, below what the untrained audio module's random features reach (0.76).
 KNOWN_FAILURE = (
-    "the autoencoder does not render the driving motion within this budget (60 steps; also not after 200 steps "
-    "or 100 L1-only steps in a plain loop): its output varies ~0.002 mean L1 across driving frames vs 0.047 for the "
-    "real frames and rec plateaus near the copy-the-source level, so MLN/PLN have no mouth or pose to separate"
+    "MLN/PLN do not separate mouth from pose on the held-out speaker within the full budget (mouth swap: 0.11 of "
+    "its change inside the mouth region), and audio_lip's R² (0.52) does not beat the untrained module (0.76)"
 )
-known_failure = pytest.mark.xfail(reason=KNOWN_FAILURE, strict=True, run=FULL)
-FLOORS = {"ae_rec_ratio_max": 0.8, "mouth_inside_min": 0.6, "pose_outside_min": 0.6, "lip_r2_min": 0.25}
+known_failure = pytest.mark.xfail(reason=KNOWN_FAILURE, strict=True)
+# Hard floors that hold whatever the golden file says: a test against them can fail.
+FLOORS = {
+    "ae_rec_ratio_max": 0.8,
+    "ae_rec_over_copy_max": 0.9,
+    "mouth_inside_min": 0.6,
+    "pose_outside_min": 0.6,
+    "lip_r2_min": 0.25,
+}
 
 
 class Golden:
@@ -206,6 +235,32 @@ def test_autoencoder_reconstruction_falls(autoencoder, tracking, golden):
     golden.check("autoencoder.rec_ratio", ratio, 0.15)
 
 
+@full_only
+def test_autoencoder_renders_the_driving_motion(autoencoder, learn_data, out, golden):
+    """Rendering frame i's identity with frame j's motion lands closer to frame j than frame i itself is (the
+    copy-the-source level). Scored on a training speaker: two training speakers teach motion, not identities, so the
+    held-out speaker's number is printed but not held to the floor."""
+    import torch
+
+    from edtalk import EDTalk
+
+    model = EDTalk.from_pretrained(out / "models" / "autoencoder").eval()
+    ratios = {}
+    for split in ("train", "val"):
+        frames = images(segments(learn_data, split)[0]["frames"])
+        idx = np.random.default_rng(0).choice(len(frames), size=(16, 2), replace=False)
+        src, drv = frames[idx[:, 0]], frames[idx[:, 1]]
+        with torch.no_grad():
+            rec = float((model.reconstruct_lia(src, drv) - drv).abs().mean())
+        copy = float((src - drv).abs().mean())
+        ratios[split] = rec / copy
+        print(f"autoencoder on {split}: L1 to the driving frame {rec:.4f}, copy-the-source level {copy:.4f}")
+    assert ratios["train"] <= FLOORS["ae_rec_over_copy_max"], (
+        f"the output does not follow the driving frame: rec/copy {ratios}"
+    )
+    golden.check("autoencoder.train_rec_over_copy", ratios["train"], 0.12)
+
+
 # ------------------------------------------------------------------------------------------------- mouth_pose
 
 
@@ -255,6 +310,7 @@ def swap_energy(model, seg: dict, pairs: int = 8) -> dict[str, float]:
     }
 
 
+@full_only
 @known_failure
 def test_mouth_pose_swaps_are_local_and_global(mouth_pose, learn_data, out, golden):
     from edtalk import EDTalk
@@ -300,6 +356,7 @@ def lip_r2(model, data: Path) -> float:
     return ridge_r2(x_train, y_train, x_val, y_val)
 
 
+@full_only
 @known_failure
 def test_audio_lip_predicts_mouth_opening(audio_lip, learn_data, out, golden):
     from edtalk import EDTalk

@@ -53,6 +53,7 @@ class TrainParams:
     grad_clip: float = 1.0  # global gradient-norm clip (DeepSpeed gradient_clipping); 0 = off
     seed: int = 0  # seeds init, sample building, shuffling and per-step randomness
     shuffle_buffer: int = 32  # rows in the per-worker local shuffle buffer; 0 = no shuffle
+    cache_mb: int = 1024  # decoded training samples up to this size are built once into Ray's object store; 0 = stream every epoch
     val_fraction: float = 0.2  # hash split of segments when the data has no `val` rows
     val_batches: int = 1  # validation batches scored at each log step (rank-0 numbers, all ranks compute)
     log_every: int = 5  # progress line + MLflow metrics every N steps
@@ -83,6 +84,7 @@ class TrainParams:
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)"),
             (self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0"),
+            (self.cache_mb >= 0, "cache_mb must be >= 0"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.val_batches >= 0, "val_batches must be >= 0"),
             (self.log_every >= 1, "log_every must be >= 1"),

@@ -453,8 +453,7 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     ray.data.DataContext.get_current().enable_progress_bars = False
     row_fn = stage.samples(sp, tp.seed)
     train_ds = data.samples_dataset(data_dir, stage.table, train_ids, stage.row_filter, row_fn)
-    # train.cache_mb when the params have it, else the default budget.
-    budget_mb = getattr(tp, "cache_mb", data.CACHE_MB)
+    budget_mb = tp.cache_mb
     n_rows, est_bytes = data.estimate_bytes(data_dir, stage.table, train_ids, stage.row_filter, row_fn)
     fits = data.fits_cache(est_bytes, budget_mb)
     print(
