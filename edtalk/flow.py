@@ -11,7 +11,9 @@ Scales are soft-clamped (tanh) so training cannot blow up; the last layer of eac
 so a new flow is the identity. Every step is exactly invertible and its log-determinant is a sum of log-scales.
 
 Direction names: ``forward(w, cond) -> (z, logdet)`` is data -> latent (the paper's φ^{-1} in Eq. 13), with
-logdet = log|det ∂z/∂w| per frame; ``inverse(z, cond) -> w`` is the paper's φ, used to sample.
+logdet = log|det ∂z/∂w| per frame; ``inverse(z, cond) -> w`` is the paper's φ, used to sample. Both directions
+(and ``log_prob``, ``sample``) run through the modules' forwards (``reverse=True`` for φ): DeepSpeed ZeRO-3 gathers
+a partitioned parameter only around its module's forward and backward.
 
 Training (Eq. 13-14): L_MLE = ``losses.flow_nll(*flow(w, f^a))``. Since inverse(forward(w)) is w exactly, the
 reconstruction and temporal losses of Eq. 14 only carry signal on weights produced from a latent that did not
@@ -82,19 +84,25 @@ class ConditionalFlowConfig:
 
 
 class _ActNorm(nn.Module):
-    """y = (x + b) * exp(s) per dimension; starts as the identity (no data-dependent init, so no hidden state)."""
+    """y = (x + b) * exp(s) per dimension; starts as the identity (no data-dependent init, so no hidden state).
+
+    Both directions run in ``forward`` (``reverse=True``: x = y * exp(-s) - b), so the parameters are read only
+    inside a forward, where DeepSpeed ZeRO-3 has gathered them.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.shift = nn.Parameter(torch.zeros(dim))
         self.log_scale = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, reverse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """x -> (y, logdet) per frame; with ``reverse`` y -> x alone."""
+        if reverse:
+            return x * torch.exp(-self.log_scale) - self.shift
         y = (x + self.shift) * torch.exp(self.log_scale)
         return y, self.log_scale.sum().expand(x.shape[:-1])
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y * torch.exp(-self.log_scale) - self.shift
 
 
 class _AffineCoupling(nn.Module):
@@ -120,15 +128,15 @@ class _AffineCoupling(nn.Module):
         s = self.scale_clamp * torch.tanh(raw_s / self.scale_clamp)
         return s, t
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep, change = x[..., : self.k], x[..., self.k :]
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, reverse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """x -> (y, logdet) per frame; with ``reverse`` y -> x alone (the kept half gives the same (s, t))."""
+        keep, other = x[..., : self.k], x[..., self.k :]
         s, t = self._params(keep, h)
-        return torch.cat([keep, change * torch.exp(s) + t], dim=-1), s.sum(-1)
-
-    def inverse(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        keep, changed = y[..., : self.k], y[..., self.k :]
-        s, t = self._params(keep, h)
-        return torch.cat([keep, (changed - t) * torch.exp(-s)], dim=-1)
+        if reverse:
+            return torch.cat([keep, (other - t) * torch.exp(-s)], dim=-1)
+        return torch.cat([keep, other * torch.exp(s) + t], dim=-1), s.sum(-1)
 
 
 class _Context(nn.Module):
@@ -183,10 +191,23 @@ class ConditionalFlow(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data -> latent: x [B,T,dim], cond [B,T,cond_dim] -> (z [B,T,dim], logdet [B,T])."""
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, reverse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Data -> latent: x [B,T,dim], cond [B,T,cond_dim] -> (z [B,T,dim], logdet [B,T]).
+
+        With ``reverse`` latent -> data: x is a latent z and the result is the weights [B,T,dim] alone (what
+        ``inverse`` returns). Both directions call the layers' forwards, so under DeepSpeed ZeRO-3 every parameter
+        is read while its module's forward has it gathered.
+        """
         self._check(x, cond)
         h = self.context(cond)
+        if reverse:
+            for i in reversed(range(self.config.n_steps)):
+                x = self.couplings[i](x, h, reverse=True)
+                x = x[..., getattr(self, f"inv_perm_{i}")]
+                x = self.actnorms[i](x, reverse=True)
+            return x
         logdet = x.new_zeros(x.shape[:-1])
         for i in range(self.config.n_steps):
             x, ld = self.actnorms[i](x)
@@ -197,19 +218,12 @@ class ConditionalFlow(nn.Module):
         return x, logdet
 
     def inverse(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Latent -> data: z [B,T,dim], cond [B,T,cond_dim] -> x [B,T,dim]."""
-        self._check(z, cond)
-        h = self.context(cond)
-        x = z
-        for i in reversed(range(self.config.n_steps)):
-            x = self.couplings[i].inverse(x, h)
-            x = x[..., getattr(self, f"inv_perm_{i}")]
-            x = self.actnorms[i].inverse(x)
-        return x
+        """Latent -> data: z [B,T,dim], cond [B,T,cond_dim] -> x [B,T,dim] (``forward`` with ``reverse=True``)."""
+        return self(z, cond, reverse=True)
 
     def log_prob(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """log p(x_t | audio) per frame, [B,T] (Eq. 13's L_MLE is its negative sum)."""
-        z, logdet = self.forward(x, cond)
+        z, logdet = self(x, cond)
         log_pz = -0.5 * z.pow(2).sum(-1) - 0.5 * self.config.dim * math.log(2.0 * math.pi)
         return log_pz + logdet
 

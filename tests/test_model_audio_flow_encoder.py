@@ -105,6 +105,25 @@ def test_flow_logdet_equals_brute_force_jacobian():
     assert torch.allclose(-flow.log_prob(x, cond).mean(), L.flow_nll(z, ld))
 
 
+def test_flow_inverse_and_sample_run_through_forwards():
+    """DeepSpeed ZeRO-3 gathers a parameter only around its module's forward: the inverse and sampling must call
+    the forward of every module that owns parameters (tests/test_train_zero3.py runs them under a real engine)."""
+    flow = _randomised_flow(seed=3)
+    owners = {name for name, m in flow.named_modules() if list(m.parameters(recurse=False))}
+    assert any(n.startswith("actnorms.") for n in owners) and any(n.startswith("couplings.") for n in owners)
+    called: set[str] = set()
+    for name, module in flow.named_modules():
+        module.register_forward_pre_hook(lambda m, args, n=name: called.add(n))
+    z = torch.randn(2, 6, 4, dtype=torch.float64)
+    cond = torch.randn(2, 6, 5, dtype=torch.float64)
+    x = flow.inverse(z, cond)
+    assert owners <= called, sorted(owners - called)
+    assert torch.equal(flow(z, cond, reverse=True), x)
+    called.clear()
+    flow.sample(cond, seed=0)
+    assert owners <= called, sorted(owners - called)
+
+
 def test_flow_condition_has_temporal_context():
     flow = _randomised_flow(seed=2)
     x = torch.randn(1, 9, 4, dtype=torch.float64)
