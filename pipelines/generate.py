@@ -58,7 +58,8 @@ class GenerateError(ValueError):
 class GenerateParams:
     """The `generate:` section of params.yaml (see the comments there)."""
 
-    chunk_frames: int = 32  # frames decoded, rendered (one batch) and muxed per step; bounds memory
+    chunk_frames: int = 32  # frames decoded, rendered and muxed per step; bounds memory
+    render_batch: int = 0  # frames per render call within a chunk; 0 = auto: 1 on CPU (faster there, bench/model.py), the whole chunk on GPU
     temperature: float = 0.7  # scale of the Gaussian noise the pose/eye flows sample from (0 = the mode)
     seed: int = 0  # seeds the pose/eye flow samples, so a run is reproducible
     crf: int = 18  # x264 constant rate factor (lower = better quality, larger file)
@@ -76,6 +77,7 @@ class GenerateParams:
     def __post_init__(self) -> None:
         checks = [
             (self.chunk_frames >= 1, "chunk_frames must be >= 1"),
+            (self.render_batch >= 0, "render_batch must be >= 0 (0 = auto)"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 <= self.crf <= 51, "crf must be in [0, 51]"),
             (
@@ -587,6 +589,16 @@ class Drivers:
         return weights, panels
 
 
+def render_batched(model, ident, weights: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    """model.render over the frames of `weights` in calls of at most `batch` frames (same output as one call)."""
+    n = next(iter(weights.values())).shape[0]
+    if batch >= n:
+        return model.render(ident, weights)
+    return torch.cat(
+        [model.render(ident, {k: v[a : a + batch] for k, v in weights.items()}) for a in range(0, n, batch)]
+    )
+
+
 def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | None = None) -> dict:
     """Generate `req.output`; `model` is a loaded EDTalk or a folder / MLflow URI. Returns a summary with the
     frame count, duration and the time spent per phase (decode, drive, render, encode+mux)."""
@@ -624,6 +636,7 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     previewer = None
     digest = hashlib.sha256()  # of the rendered frames before encoding: identical generations, identical hash
     try:
+        render_batch = params.render_batch or (params.chunk_frames if device.type != "cpu" else 1)
         bar = tqdm(total=plan.num_frames, unit="frame", desc="generate", disable=None)
         for start in range(0, plan.num_frames, params.chunk_frames):
             stop = min(plan.num_frames, start + params.chunk_frames)
@@ -631,7 +644,7 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
             with torch.no_grad():
                 weights, panels = drivers.chunk(start, stop)
                 t1 = time.perf_counter()
-                images = model.render(ident, weights) if weights else None
+                images = render_batched(model, ident, weights, render_batch) if weights else None
                 if images is None:  # every space kept from the identity: the identity reconstructed
                     images = model.render(ident, {}).expand(stop - start, -1, -1, -1)
                 frames = to_uint8(images)

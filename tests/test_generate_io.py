@@ -126,3 +126,23 @@ def test_source_values_are_checked(tmp_path):
     with pytest.raises(GenerateError, match="emotion_means"):
         classify_source("expression", "happy", True, None)
     assert classify_source("expression", "happy", True, ["happy"]) == ("emotion", "happy")
+
+
+def test_render_in_per_frame_calls_equals_one_batched_call():
+    """generate renders one frame per call on a CPU (faster there): the frames must equal a single batched call."""
+    import torch
+
+    from edtalk import EDTalk, ModelConfig
+    from pipelines.generate import render_batched
+
+    torch.manual_seed(0)
+    model = EDTalk(ModelConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        for head in model.generator.flows:  # non-zero warps, so every frame differs
+            head.conv.weight.normal_(0, 0.1)
+        ident = model.encode_identity(torch.rand(1, 3, 64, 64) * 2 - 1)
+        weights = {s: w + 0.5 * torch.randn(5, w.shape[1]) for s, w in ident.weights.items()}
+        whole = model.render(ident, weights)
+        for batch in (1, 2, 5, 8):
+            torch.testing.assert_close(render_batched(model, ident, weights, batch), whole, atol=1e-4, rtol=0)
+    assert not torch.allclose(whole[0], whole[1])
