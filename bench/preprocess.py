@@ -113,6 +113,7 @@ def end_to_end(files: list[str], workers: int, max_seconds: float) -> dict:
         "cpu_seconds": round(cpu, 2),
         "rejects": stats["rejects"],
         "stage_seconds": {k: round(v, 2) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
+        "phases": stats["phases"],
     }
 
 

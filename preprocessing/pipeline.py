@@ -121,7 +121,7 @@ class SourceProcessor:
     # entry point ---------------------------------------------------------------------------------------------------
     def __call__(self, row: dict) -> dict:
         src = Source(**row)
-        t0, c0 = time.monotonic(), time.process_time()
+        t0, c0, started = time.monotonic(), time.process_time(), time.time()
         summary = {
             "source": src.uri,
             "hash": src.hash,
@@ -150,6 +150,8 @@ class SourceProcessor:
             except Exception as exc2:  # cannot even write the reject (storage down): report, do not mark done
                 summary.update(status="error", reason=f"{type(exc2).__name__}: {exc2}")
         summary["seconds"] = time.monotonic() - t0
+        # wall-clock bounds (epoch seconds): the run's start-up, idle and tail time are read from them
+        summary["started_at"], summary["ended_at"] = started, time.time()
         # CPU seconds of this worker process (decoder threads included): throughput per core on a shared machine
         summary["cpu_seconds"] = time.process_time() - c0
         return summary
@@ -472,7 +474,7 @@ def _totals(output: str) -> dict:
 
 def run(input_spec: str, output: str, params: PreprocessParams, progress: bool = True) -> dict:
     """Process every source of `input_spec` not yet done in `output`; write `_stats.json`; return the stats."""
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     sources = hash_all(discover(input_spec))
     unique: dict[str, Source] = {}
     duplicates = []
@@ -495,6 +497,7 @@ def run(input_spec: str, output: str, params: PreprocessParams, progress: bool =
     results = _run_ray(pending, output, params, progress) if pending else []
 
     seconds = time.monotonic() - t0
+    phases = _phases(results, wall0, wall0 + seconds, max(1, min(params.workers, len(pending))))
     rejects: dict[str, int] = {}
     for r in results:
         if r["status"] == "rejected":
@@ -514,12 +517,33 @@ def run(input_spec: str, output: str, params: PreprocessParams, progress: bool =
         "errors": [{"source": r["source"], "error": r["reason"]} for r in results if r["status"] == "error"],
         "seconds": round(seconds, 3),
         "frames_per_s": round(frames / seconds, 2) if seconds > 0 else 0.0,
+        "phases": phases,
         "totals": _totals(output),
         "params": asdict(params),
         "sources": sorted(results, key=lambda r: r["source"]),
     }
     storage.write_bytes_atomic(storage.join(output, "_stats.json"), json.dumps(stats, indent=2).encode())
     return stats
+
+
+def _phases(results: list[dict], start: float, end: float, workers: int) -> dict:
+    """Where the wall clock of a run went: `startup` (discovery, hashing, Ray and worker start until the first
+    source starts), `processing` (first start to last end), `tail` (last end to the run's end: collecting the
+    results, stats); `worker_busy_share`: summed per-source seconds / (workers x processing), below 1 when a
+    worker waited for work or the run ended on one long input."""
+    stamped = [r for r in results if "started_at" in r and "ended_at" in r]
+    if not stamped:
+        return {"startup": round(end - start, 3), "processing": 0.0, "tail": 0.0, "worker_busy_share": 0.0}
+    first = min(r["started_at"] for r in stamped)
+    last = max(r["ended_at"] for r in stamped)
+    span = max(last - first, 1e-9)
+    busy = sum(r["ended_at"] - r["started_at"] for r in stamped)
+    return {
+        "startup": round(first - start, 3),
+        "processing": round(span, 3),
+        "tail": round(max(end - last, 0.0), 3),
+        "worker_busy_share": round(busy / (workers * span), 3),
+    }
 
 
 def _run_ray(pending: list[Source], output: str, params: PreprocessParams, progress: bool) -> list[dict]:

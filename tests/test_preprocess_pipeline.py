@@ -163,6 +163,14 @@ def test_stats_file_counts(run_output):
         assert key in stats1
     assert stats1["frames"] == sum(s["frames"] for s in stats1["sources"]) > 0
     assert stats1["pairs"] == 4 * stats1["segments"]  # 2 mouth + 2 eye per segment
+    # the wall clock split into start-up, processing and tail adds up to the run's seconds
+    ph = stats1["phases"]
+    assert ph["startup"] > 0 and ph["processing"] > 0 and ph["tail"] >= 0
+    assert abs(ph["startup"] + ph["processing"] + ph["tail"] - stats1["seconds"]) < 0.05
+    assert 0.0 < ph["worker_busy_share"] <= 1.0
+    for s in stats1["sources"]:
+        assert s["started_at"] <= s["ended_at"]
+        assert abs((s["ended_at"] - s["started_at"]) - s["seconds"]) < 0.05
 
 
 def test_audio_flags(segments):
