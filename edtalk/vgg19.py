@@ -38,10 +38,13 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 _warned_random = False
 
 
-def _build_features(last_index: int) -> nn.Sequential:
+def build_vgg_features(cfg: tuple, last_index: int | None = None) -> nn.Sequential:
+    """A VGG convolutional trunk from a torchvision-style configuration (channel counts, "M" = 2x2 max pool),
+    indexed like torchvision's ``vggNN().features``; built up to ``last_index`` (inclusive) or whole. VGG19 here
+    and LPIPS' VGG16 (edtalk/metrics/lpips.py) are both built by it."""
     layers: list[nn.Module] = []
     in_ch = 3
-    for item in _CFG:
+    for item in cfg:
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
@@ -49,9 +52,60 @@ def _build_features(last_index: int) -> nn.Sequential:
             # Not inplace: the returned relu outputs must stay intact while later layers run.
             layers.append(nn.ReLU(inplace=False))
             in_ch = int(item)
-        if len(layers) > last_index:
+        if last_index is not None and len(layers) > last_index:
             break
     return nn.Sequential(*layers)
+
+
+def relu_outputs(features: nn.Sequential, x: torch.Tensor, indices: tuple[int, ...]) -> list[torch.Tensor]:
+    """Run ``features`` on x and return the activations after the layers at ``indices``."""
+    outs: list[torch.Tensor] = []
+    for i, layer in enumerate(features):
+        x = layer(x)
+        if i in indices:
+            outs.append(x)
+    return outs
+
+
+def read_state_dict(path: str | os.PathLike, what: str, hint: str = "") -> dict[str, torch.Tensor]:
+    """A state dict from a .pth/.pt (``torch.load(weights_only=True)``: no pickle execution) or .safetensors file;
+    ``what`` names it in errors, ``hint`` says what to do instead."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{what} file {str(p)!r} does not exist: pass an existing .pth or .safetensors file{hint}"
+        )
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p), device="cpu")
+    else:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} file {str(p)!r} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def load_torchvision_features(
+    module: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str, other: str
+) -> None:
+    """Load the ``features.N.*`` keys of a torchvision checkpoint of architecture ``arch`` into ``module``
+    (deeper features and the classifier are ignored); wrong keys or shapes fail naming the file and, through
+    ``other``, the likely mix-up."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise KeyError(
+            f"{arch.upper()} weights from {source} lack {len(missing)} keys (first: {missing[:3]}): expected a "
+            f"torchvision-format {arch} state dict with keys like 'features.0.weight'"
+        )
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{arch.upper()} weights from {source}: {k} has shape {tuple(state[k].shape)}, expected "
+                f"{tuple(v.shape)} (is this a {other} or batch-norm variant, not a {arch}?)"
+            )
+    module.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 def _default_weights_path() -> str | None:
@@ -79,23 +133,9 @@ def _warn_random_once() -> None:
 
 def load_vgg19_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a torchvision-format VGG19 state dict from a .pth/.pt or .safetensors file (no pickle execution)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"VGG19 weights file {str(p)!r} does not exist: pass an existing torchvision-format .pth or "
-            f".safetensors file (or unset {ENV_WEIGHTS} to run with random weights)"
-        )
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(p), device="cpu")
-    else:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"VGG19 weights file {str(p)!r} holds a {type(state).__name__}, expected a state dict"
-        )
-    return state
+    return read_state_dict(
+        path, "VGG19 weights", f" (torchvision-format, or unset {ENV_WEIGHTS} to run with random weights)"
+    )
 
 
 class VGG19(nn.Module):
@@ -109,7 +149,7 @@ class VGG19(nn.Module):
 
     def __init__(self, weights_path: str | os.PathLike | None = None, requires_grad: bool = False) -> None:
         super().__init__()
-        self.features = _build_features(RELU_INDICES[-1])
+        self.features = build_vgg_features(_CFG, RELU_INDICES[-1])
         # Non-persistent: the state dict stays exactly torchvision's key set.
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -126,20 +166,7 @@ class VGG19(nn.Module):
 
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load ``features.N.*`` keys (torchvision layout); deeper features and the classifier are ignored."""
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        if missing:
-            raise KeyError(
-                f"VGG19 weights from {source} lack {len(missing)} keys (first: {missing[:3]}): expected a "
-                "torchvision-format vgg19 state dict with keys like 'features.0.weight'"
-            )
-        for k, v in own.items():
-            if tuple(state[k].shape) != tuple(v.shape):
-                raise ValueError(
-                    f"VGG19 weights from {source}: {k} has shape {tuple(state[k].shape)}, expected "
-                    f"{tuple(v.shape)} (is this a vgg19, not a vgg16 or batch-norm variant?)"
-                )
-        self.load_state_dict({k: state[k] for k in own}, strict=True)
+        load_torchvision_features(self, state, source, "vgg19", "vgg16")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: [B,3,H,W] RGB in [-1,1], H and W >= 16 -> [relu1_1, relu2_1, relu3_1, relu4_1, relu5_1]."""
@@ -150,10 +177,4 @@ class VGG19(nn.Module):
                 f"VGG19 input of size {tuple(x.shape[-2:])} is too small: relu5_1 needs at least 16x16 "
                 "(drop the smallest scales of the perceptual pyramid)"
             )
-        h = ((x + 1.0) * 0.5 - self.mean) / self.std
-        outs: list[torch.Tensor] = []
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in RELU_INDICES:
-                outs.append(h)
-        return outs
+        return relu_outputs(self.features, ((x + 1.0) * 0.5 - self.mean) / self.std, RELU_INDICES)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edtalk.vgg19 import build_vgg_features, load_torchvision_features, read_state_dict, relu_outputs
+
 log = logging.getLogger(__name__)
 
 ENV_BACKBONE = "EDTALK_LPIPS_VGG16_WEIGHTS"
@@ -53,63 +55,19 @@ def _warn_once(reason: str) -> None:
     warnings.warn(msg, UserWarning, stacklevel=3)
 
 
-def _read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"{what} file {str(p)!r} does not exist; pass an existing .pth or .safetensors file"
-        )
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(p), device="cpu")
-    else:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{what} file {str(p)!r} holds a {type(state).__name__}, expected a state dict")
-    return state
-
-
 class VGG16Features(nn.Module):
     """VGG16 convolutional trunk up to relu5_3, indexed like torchvision's ``vgg16().features``."""
 
     def __init__(self) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for item in _CFG:
-            if item == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers.append(nn.Conv2d(in_ch, int(item), kernel_size=3, padding=1))
-                layers.append(nn.ReLU(inplace=False))
-                in_ch = int(item)
-        self.features = nn.Sequential(*layers)
+        self.features = build_vgg_features(_CFG)
 
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load the ``features.N.*`` keys of a torchvision vgg16 checkpoint; the classifier is ignored."""
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        if missing:
-            raise KeyError(
-                f"VGG16 weights from {source} lack {len(missing)} keys (first: {missing[:3]}): expected a "
-                "torchvision-format vgg16 state dict with keys like 'features.0.weight'"
-            )
-        for k, v in own.items():
-            if tuple(state[k].shape) != tuple(v.shape):
-                raise ValueError(
-                    f"VGG16 weights from {source}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)} "
-                    "(a vgg19 or batch-norm variant?)"
-                )
-        self.load_state_dict({k: state[k] for k in own}, strict=True)
+        load_torchvision_features(self, state, source, "vgg16", "vgg19")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in RELU_INDICES:
-                outs.append(x)
-        return outs
+        return relu_outputs(self.features, x, RELU_INDICES)
 
 
 def _lin_key_index(key: str) -> int | None:
@@ -140,9 +98,9 @@ class LPIPS(nn.Module):
     def from_files(cls, backbone_path: str | os.PathLike, lin_path: str | os.PathLike) -> LPIPS:
         model = cls()
         model.net.load_torchvision_state_dict(
-            _read_state_dict(backbone_path, "VGG16 weights"), str(backbone_path)
+            read_state_dict(backbone_path, "VGG16 weights"), str(backbone_path)
         )
-        model.load_lin_state_dict(_read_state_dict(lin_path, "LPIPS lin weights"), str(lin_path))
+        model.load_lin_state_dict(read_state_dict(lin_path, "LPIPS lin weights"), str(lin_path))
         return model
 
     def load_lin_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
