@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from testkit import save_tiny_hubert
 
 from preprocessing.audio import SAMPLE_RATE, SpeechEncoder, Transcriber
 from preprocessing.transcripts import TranscriptError, resolve_transcript, sidecar_path
@@ -27,24 +28,9 @@ WHISPER_SPECIALS = [
 
 @pytest.fixture(scope="module")
 def hubert_dir(tmp_path_factory):
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-    path = tmp_path_factory.mktemp("hubert")
-    config = HubertConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(8,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
+    return save_tiny_hubert(
+        tmp_path_factory.mktemp("hubert"), layers=2, sample_rate=SAMPLE_RATE, do_normalize=True
     )
-    torch.manual_seed(0)
-    HubertModel(config).save_pretrained(path)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, do_normalize=True).save_pretrained(
-        path
-    )
-    return path
 
 
 def _byte_symbols() -> list[str]:

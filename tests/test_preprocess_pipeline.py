@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from testkit import write_video
 
 from preprocessing import schema
 from preprocessing.dataset import read_rows
@@ -32,20 +33,6 @@ REAL = [
     "videos/LivePortrait__d20.mp4",  # speech
 ]
 ADDED = "videos/EDTalk__uncrop_Obama.mp4"
-
-
-def write_video(path, frames, fps=25):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(
-                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            ):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def first_frames(path, n):

@@ -9,6 +9,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+from testkit import save_tiny_hubert
 
 from preprocessing import schema
 from preprocessing.decode import decode_video
@@ -23,21 +24,6 @@ from preprocessing.landmarks import (
 )
 from preprocessing.params import ParamsError, PreprocessParams, load_section
 from preprocessing.sources import discover, hash_all
-
-
-def write_video(path, frames, fps=25):
-    """H.264 via PyAV (no system ffmpeg needed)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(
-                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            ):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def read_rgb(path):
@@ -321,25 +307,10 @@ def test_sidecar_landmarks_labels_factors_and_transcript(media_dir, tmp_path, dl
 
 def test_speech_encoder_states_per_segment(media_dir, tmp_path):
     """preprocess.speech_encoder set: each segment carries (T, D) hidden states at 25 fps (tiny random HuBERT)."""
-    import torch
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
     from preprocessing.dataset import read_rows
     from preprocessing.pipeline import SourceProcessor
 
-    model_dir = tmp_path / "hubert"
-    config = HubertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(8,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
-    torch.manual_seed(0)
-    HubertModel(config).save_pretrained(model_dir)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000).save_pretrained(model_dir)
+    model_dir = save_tiny_hubert(tmp_path / "hubert", layers=1)
     (src,) = hash_all(discover(str(media_dir / "videos" / "EDTalk__mouth_source_muxed.mp4")))
     params = PreprocessParams(max_seconds_per_video=2.0, speech_encoder=str(model_dir), pairs_per_segment=0)
     summary = SourceProcessor(params.to_dict(), str(tmp_path / "out"))(src.to_dict())
