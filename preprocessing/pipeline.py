@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import posixpath
+import sys
 import tempfile
 import time
 import traceback
@@ -78,13 +79,20 @@ class SourceProcessor:
 
     def _limit_threads(self) -> None:
         """One worker = its share of CPUs: OpenCV and torch default to a thread per core, which makes one worker
-        take more than its share and the workers contend instead of scaling."""
+        take more than its share and the workers contend instead of scaling. torch is not imported for this: a
+        dlib run never needs it (its import cost each worker ~0.7 s of start-up and ~200 MB); OMP_NUM_THREADS
+        sizes its pool if a torch model (face_alignment, speech encoder, ASR) imports it later, and
+        `_torch_threads` sets it again after such a model is built."""
         import cv2
-        import torch
 
-        n = max(1, math.floor(self.p.cpus_per_worker))
-        cv2.setNumThreads(n)
-        torch.set_num_threads(n)
+        self._threads = max(1, math.floor(self.p.cpus_per_worker))
+        cv2.setNumThreads(self._threads)
+        os.environ["OMP_NUM_THREADS"] = str(self._threads)
+        self._torch_threads()
+
+    def _torch_threads(self) -> None:
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(self._threads)
 
     def _warm_up(self) -> None:
         """Pay one-time costs (landmark model load, librosa's first-call JIT) when the worker starts, so each
@@ -102,6 +110,7 @@ class SourceProcessor:
 
             name = "auto" if self.p.landmark_backend == "sidecar" else self.p.landmark_backend
             self._backend = make_backend(name, self.p.detect_every, self.p.detect_max_side)
+            self._torch_threads()
         return self._backend
 
     def encoder(self):
@@ -109,6 +118,7 @@ class SourceProcessor:
             from preprocessing.audio import SpeechEncoder
 
             self._encoder = SpeechEncoder(self.p.speech_encoder)
+            self._torch_threads()
         return self._encoder
 
     def transcriber(self):
@@ -116,6 +126,7 @@ class SourceProcessor:
             from preprocessing.audio import Transcriber
 
             self._transcriber = Transcriber(self.p.asr_model)
+            self._torch_threads()
         return self._transcriber
 
     # entry point ---------------------------------------------------------------------------------------------------

@@ -348,3 +348,50 @@ def test_cli_fails_fast_on_a_backend_that_cannot_run(tmp_path, media_dir):
     result = CliRunner().invoke(cli, [*args, "--set", "preprocess.landmark_backend=face_alignment"])
     assert result.exit_code != 0 and "2DFAN4-11f355bf06.pth.tar" in result.output
     assert not (tmp_path / "out" / "rejects").exists()  # nothing was rejected for a configuration problem
+
+
+WORKER_PROBE = """
+import json, sys
+from preprocessing.landmarks import torch_checkpoint_dir
+from preprocessing.params import PreprocessParams
+from preprocessing.pipeline import SourceProcessor
+from preprocessing.sources import discover, hash_all
+
+found = str(torch_checkpoint_dir())
+(src,) = hash_all(discover(sys.argv[1]))
+params = PreprocessParams(landmark_backend=sys.argv[2], cpus_per_worker=0.5, max_seconds_per_video=1.0)
+summary = SourceProcessor(params.to_dict(), sys.argv[3])(src.to_dict())
+torch_imported = "torch" in sys.modules
+import torch
+
+print(json.dumps({"status": summary["status"], "torch_imported": torch_imported, "found": found,
+                  "torch_says": torch.hub.get_dir() + "/checkpoints"}))
+"""
+
+
+@pytest.mark.parametrize("home", ["TORCH_HOME", "XDG_CACHE_HOME", None])
+def test_a_dlib_worker_never_imports_torch(media_dir, tmp_path, home):
+    """Choosing and running the dlib backend leaves torch unimported (start-up and memory of every worker), and
+    the checkpoint folder found without torch is the one torch.hub uses, whichever variable places it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_HOME", "XDG_CACHE_HOME")}
+    if home:
+        env[home] = str(tmp_path / "cache")
+    backend = "auto" if missing_face_alignment_weights() else "dlib"
+    video = media_dir / "videos" / "LivePortrait__d20.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER_PROBE, str(video), backend, str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["status"] == "segments", got
+    assert not got["torch_imported"], "a dlib worker imported torch"
+    assert os.path.normpath(got["found"]) == os.path.normpath(got["torch_says"]), got
