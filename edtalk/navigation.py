@@ -46,20 +46,34 @@ def orthonormalize(banks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Ordered QR of the concatenation of `banks` (each (D, n_s)), returned per bank, diag(R) > 0.
 
     Block by block: project the earlier orthonormal columns out of this bank twice (one pass loses orthogonality
-    in float32 when banks are nearly dependent), then QR the remainder and fix the signs.
+    in float32 when banks are nearly dependent), then QR the remainder and fix the signs. Always in float32 with
+    autocast off: under bf16 autocast (GPU training) the projections would run in bf16 and leave the bases
+    ~1e-3 from orthogonal.
     """
     qs: list[torch.Tensor] = []
-    for a in banks:
-        x = a
-        if qs:
-            prev = torch.cat(qs, dim=1)
-            for _ in range(2):
-                x = x - prev @ (prev.t() @ x)
-        q, r = torch.linalg.qr(x, mode="reduced")
-        sign = torch.sign(torch.diagonal(r))
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        qs.append(q * sign.unsqueeze(0))
+    with _no_autocast(banks[0].device.type if banks else "cpu"):
+        for a in banks:
+            x = a.float()
+            if qs:
+                prev = torch.cat(qs, dim=1)
+                for _ in range(2):
+                    x = x - prev @ (prev.t() @ x)
+            q, r = torch.linalg.qr(x, mode="reduced")
+            sign = torch.sign(torch.diagonal(r))
+            sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+            qs.append(q * sign.unsqueeze(0))
     return qs
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _orthogonality_error(q: torch.Tensor) -> float:
+    """max |QᵀQ - I| in float32 (autocast off, so a bf16 matmul does not measure its own rounding)."""
+    with torch.no_grad(), _no_autocast(q.device.type):
+        q = q.float()
+        return float((q.t() @ q - torch.eye(q.shape[1], dtype=q.dtype, device=q.device)).abs().max())
 
 
 class SpaceNavigator(nn.Module):
@@ -137,9 +151,7 @@ class LatentNavigation(nn.Module):
     def orthogonality_error(self) -> float:
         """max |QᵀQ - I| over all bases of all spaces."""
         with torch.no_grad():
-            q = torch.cat(list(self.bases().values()), dim=1)
-            eye = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
-            return float((q.t() @ q - eye).abs().max())
+            return _orthogonality_error(torch.cat(list(self.bases().values()), dim=1))
 
 
 class LatentNavigationLIA(nn.Module):
@@ -165,5 +177,4 @@ class LatentNavigationLIA(nn.Module):
 
     def orthogonality_error(self) -> float:
         with torch.no_grad():
-            q = self.bases()
-            return float((q.t() @ q - torch.eye(q.shape[1], dtype=q.dtype, device=q.device)).abs().max())
+            return _orthogonality_error(self.bases())

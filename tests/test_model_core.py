@@ -93,6 +93,22 @@ def test_orthogonality_error_across_all_banks(model: EDTalk) -> None:
     assert nav.orthogonality_error() <= 1e-5
 
 
+def test_bases_stay_float32_and_orthogonal_under_bf16_autocast(model: EDTalk) -> None:
+    """bf16 autocast (GPU training) must not run the ordered QR's projections in bf16: the bases, the error and
+    the gradient path are those of float32."""
+    plain = model.navigation.bases()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = model.navigation.bases()
+        err = model.orthogonality_error()
+    for s in plain:
+        assert auto[s].dtype == torch.float32
+        torch.testing.assert_close(auto[s], plain[s], atol=0, rtol=0)
+    assert err <= 1e-5
+    # the bf16 rounding it guards against is far above that bound (~1e-3)
+    q = torch.cat(list(plain.values()), dim=1).bfloat16()
+    assert float((q.t() @ q - torch.eye(q.shape[1], dtype=q.dtype)).abs().max()) > 1e-4
+
+
 def test_later_bank_never_changes_earlier_bases_bitwise() -> None:
     torch.manual_seed(3)
     d = 512
