@@ -83,30 +83,48 @@ def make_data(root: Path, identities: int, seconds: float) -> Path:
     return root / "processed"
 
 
-def stage_params(overrides: list[str]):
+def stage_params(overrides: list[str], stage_name: str = STAGE, params_path: Path = ROOT / "params.yaml"):
     from pipelines.train import stages
     from pipelines.train.config import load_stage_params
 
-    stage = stages.get(STAGE)
-    return stage, load_stage_params(stage.params_cls, STAGE, str(ROOT / "params.yaml"), overrides)
+    stage = stages.get(stage_name)
+    return stage, load_stage_params(stage.params_cls, stage_name, str(params_path), overrides)
 
 
 class PlainLoop:
     """The stage's build + step in one process: torch.optim.Adam, samples preloaded, no Ray, no DeepSpeed.
 
     Built and warmed up once; `run(steps)` times the next `steps` steps, so its segments can bracket the runner's.
+    Any adversarial visual stage (`stage_name`, its `upstream` model folders) on any device, optionally under bf16
+    autocast with fp32 master weights (bench/train_gpu.py).
     """
 
-    def __init__(self, data: Path, overrides: list[str], batch_size: int, warmup: int) -> None:
+    def __init__(
+        self,
+        data: Path,
+        overrides: list[str],
+        batch_size: int,
+        warmup: int,
+        stage_name: str = STAGE,
+        params_path: Path = ROOT / "params.yaml",
+        device: str = "cpu",
+        bf16: bool = False,
+        upstream: dict[str, str] | None = None,
+    ) -> None:
         import torch
 
         from pipelines.train import data as train_data
         from preprocessing.params import load_section
 
-        self.stage, self.p = stage_params(overrides)
-        model_section = load_section(str(ROOT / "params.yaml"), "model", overrides)
+        self.stage, self.p = stage_params(overrides, stage_name, params_path)
+        model_section = load_section(str(params_path), "model", overrides)
         torch.manual_seed(0)
-        self.nets = self.stage.build(model_section, self.p, {})
+        self.device, self.bf16 = torch.device(device), bf16
+        self.nets = self.stage.build(model_section, self.p, dict(upstream or {}))
+        self.nets.model.to(self.device)
+        self.nets.discriminator.to(self.device)
+        for extra in self.nets.extras.values():
+            extra.to(self.device)
         splits = train_data.segment_splits(str(data))
         train_ids, _, _ = train_data.train_val_ids(splits, 0.2)
         self.rows = train_data.local_samples(
@@ -122,7 +140,7 @@ class PlainLoop:
         betas = (self.p.beta1, self.p.beta2)
         self.g_opt = torch.optim.Adam(self.nets.trainable, lr=self.p.lr, betas=betas)
         self.d_opt = torch.optim.Adam(self.nets.discriminator.parameters(), lr=self.p.d_lr, betas=betas)
-        self.batch_size, self.k = batch_size, 0
+        self.batch_size, self.k, self.sums = batch_size, 0, {}
         self.nets.model.train()
         for _ in range(warmup):
             self._step()
@@ -137,32 +155,49 @@ class PlainLoop:
         chunk = [self.rows[(self.k * bs + i) % len(self.rows)] for i in range(bs)]
         self.k += 1
         batch = {key: torch.from_numpy(np.stack([r[key] for r in chunk])) for key in chunk[0]}
-        batch = train_data.to_model_inputs(batch, "cpu", nets.model.config.image_size)
+        batch = train_data.to_model_inputs(batch, self.device, nets.model.config.image_size)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         nets.discriminator.requires_grad_(False)
-        out = self.stage.step(nets, batch, self.p)
+        with autocast:
+            out = self.stage.step(nets, batch, self.p)
         self.g_opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(nets.trainable, 1.0)  # the runner's DeepSpeed clips the same way
         self.g_opt.step()
         nets.discriminator.requires_grad_(True)
-        d_loss = discriminator_adversarial_loss(
-            nets.discriminator(out.real), nets.discriminator(out.fake.detach())
-        )
+        with autocast:
+            d_loss = discriminator_adversarial_loss(
+                nets.discriminator(out.real), nets.discriminator(out.fake.detach())
+            )
         self.d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         self.d_opt.step()
-        for v in out.logs.values():  # the runner reads every logged term each step; so does this loop
-            float(v.detach())
+        # The runner sums every logged term as a detached fp32 tensor and reads the sums once per progress window
+        # (no per-step device sync); so does this loop, once per run().
+        for k, v in out.logs.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def run(self, steps: int) -> dict:
+        self._sync()
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self._step()
+        logs = {k: float(v) / max(steps, 1) for k, v in self.sums.items()}
+        self.sums = {}
+        self._sync()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         return {
             "samples_per_s": steps * self.batch_size / wall,
             "cpu_s_per_step": cpu / steps,
             "load_avg_1min": os.getloadavg()[0],
+            "mean_logs": logs,
         }
 
 
