@@ -25,7 +25,7 @@ class AutoencoderParams:
     w_rec: float = 1.0  # weight of L1 reconstruction (Eq. 5)
     w_per: float = 1.0  # weight of the VGG19 perceptual loss (Eq. 5)
     w_adv: float = 1.0  # weight of the generator's adversarial loss (Eq. 6)
-    w_mouth: float = 0.0  # weight of the L1 inside the driving frame's mouth region (ours; 0 = the paper's loss)
+    w_mouth: float = 0.0  # L1 inside the driving frame's mouth region (ours; 0 = paper)
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 

@@ -41,7 +41,7 @@ class EyeParams:
     w_adv: float = 1.0  # adversarial (Eq. 6)
     w_self: float = 1.0  # self-reconstruction of a and b (L1 + perceptual)
     w_fea: float = 1.0  # feature loss exp(-cos) on the eye features (Eq. 7)
-    w_region: float = 0.0  # L1 inside the swapped eye region, cross- and self-reconstruction (ours; 0 = paper)
+    w_region: float = 0.0  # L1 inside the swapped eye region, cross- and self-rec (ours; 0 = paper)
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
