@@ -60,10 +60,16 @@ class GeneratorConfig:
     """Generator G (StyleGAN2 synthesis with per-scale flow heads)."""
 
     blur_kernel: tuple[int, ...] = (1, 3, 3, 1)  # FIR taps of the upsampling filters
+    # The finest N scales whose ToRGB sees the blend of warped identity and generated features (so G can paint
+    # what no identity feature shows, e.g. the inside of a mouth that is closed in the identity image); the other
+    # scales' ToRGB sees the masked warp only (LIA). 0 = warped features only.
+    paint_scales: int = 0
 
     def __post_init__(self) -> None:
         self.blur_kernel = tuple(int(t) for t in self.blur_kernel)
         _blur_ok(self.blur_kernel, "generator")
+        if int(self.paint_scales) < 0:
+            raise ValueError(f"generator.paint_scales must be >= 0, got {self.paint_scales}")
 
 
 @dataclass

@@ -68,6 +68,7 @@ class Generator(nn.Module):
         channels: Sequence[int],
         latent_dim: int,
         blur_kernel: Sequence[int] = (1, 3, 3, 1),
+        paint_scales: int = 0,
     ) -> None:
         super().__init__()
         levels = int(math.log2(image_size)) - 1
@@ -77,6 +78,7 @@ class Generator(nn.Module):
             )
         self.image_size = image_size
         self.channels = tuple(channels)
+        self.paint_scales = int(paint_scales)  # finest scales whose ToRGB sees the blend (config docs)
         self.input = ConstantInput(channels[0])
         self.conv1 = StyledConv(channels[0], channels[0], 3, latent_dim, blur_kernel=blur_kernel)
         self.up_convs = nn.ModuleList()
@@ -101,12 +103,13 @@ class Generator(nn.Module):
         b = latent.shape[0]
         out = self.conv1(self.input(b).to(latent.dtype), latent)
         rgb = logits = None
-        for up_conv, conv, flow, to_rgb, feat in zip(
-            self.up_convs, self.convs, self.flows, self.to_rgbs, identity_features, strict=True
+        first_paint = len(self.convs) - self.paint_scales
+        for i, (up_conv, conv, flow, to_rgb, feat) in enumerate(
+            zip(self.up_convs, self.convs, self.flows, self.to_rgbs, identity_features, strict=True)
         ):
             out = conv(up_conv(out, latent), latent)
             if feat.shape[0] != b:
                 feat = feat.expand(b, -1, -1, -1)
             out, warped, logits = flow(out, latent, feat, logits)
-            rgb = to_rgb(warped, latent, rgb)
+            rgb = to_rgb(out if i >= first_paint else warped, latent, rgb)
         return rgb

@@ -46,6 +46,20 @@ def l1_reconstruction_loss(generated: torch.Tensor, target: torch.Tensor) -> tor
     return (generated - target).abs().mean()
 
 
+def region_l1_loss(generated: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error inside a soft region `mask` (B,1,H,W) in [0, 1]: sum |g - t| * mask / (C * sum mask).
+
+    Same scale as the whole-image L1, whatever the region's area. Not in the paper: at the tiny preset's 64 px the
+    mouth covers ~6% of a frame, and the whole-image L1 alone left it nearly unlearned (docs/training.md).
+    """
+    _same_shape("region_l1_loss", generated, target)
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != generated.shape[0]:
+        raise ValueError(f"region_l1_loss: mask must be (B,1,H,W), got {tuple(mask.shape)}")
+    mask = mask.to(generated.dtype)
+    err = ((generated - target).abs() * mask).sum()
+    return err / (generated.shape[1] * mask.sum()).clamp_min(1e-6)
+
+
 def l2_norm_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """||a - b||_2 over the last axis, averaged over all leading axes.
 

@@ -85,7 +85,9 @@ class EDTalk(nn.Module):
         self.config = config
         c = config
         self.encoder = Encoder(c.image_size, c.channels, c.latent_dim, c.encoder.blur_kernel)
-        self.generator = Generator(c.image_size, c.channels, c.latent_dim, c.generator.blur_kernel)
+        self.generator = Generator(
+            c.image_size, c.channels, c.latent_dim, c.generator.blur_kernel, c.generator.paint_scales
+        )
         nav = c.navigation
         self.navigation = LatentNavigation(c.latent_dim, nav.num_bases(), nav.trunk_layers, nav.head_layers)
         self.eem = EEM(c.channels[1:], c.latent_dim, c.eem.hidden) if c.eem.enabled else None

@@ -82,6 +82,27 @@ def test_flow_head_zero_offset_is_the_identity_warp_and_offsets_move_it() -> Non
 
 
 # ---- navigation -----------------------------------------------------------------------------------------------
+def test_generator_paint_scales_let_the_finest_torgb_see_generated_features() -> None:
+    """paint_scales=0: the image is warped identity features only (zero identity features -> the same image for
+    any generated content); paint_scales=1: the finest ToRGB also sees the generated features."""
+    from edtalk.generator import Generator
+
+    torch.manual_seed(0)
+    g0 = Generator(32, (16, 16, 8, 8), 16)
+    torch.manual_seed(0)
+    g1 = Generator(32, (16, 16, 8, 8), 16, paint_scales=1)
+    assert g0.state_dict().keys() == g1.state_dict().keys()
+    feats = [torch.zeros(2, c, 4 * 2**i, 4 * 2**i) for i, c in enumerate((16, 8, 8), start=1)]
+    lat_a, lat_b = torch.randn(2, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        # with no identity features the warp-only image depends on the latent only through ToRGB's modulation
+        # of zeros (its bias): the same for any two latents
+        assert torch.allclose(g0(lat_a, feats), g0(lat_b, feats))
+        assert not torch.allclose(g1(lat_a, feats), g1(lat_b, feats))
+    with pytest.raises(ValueError, match="paint_scales"):
+        ModelConfig.from_dict({**ModelConfig.preset("tiny").to_dict(), "generator": {"paint_scales": -1}})
+
+
 def test_orthogonality_error_across_all_banks(model: EDTalk) -> None:
     assert model.orthogonality_error() <= 1e-5
     q = torch.cat(list(model.navigation.bases().values()), dim=1)

@@ -72,6 +72,42 @@ def test_frame_pairs_are_seeded_and_bad_rows_are_skipped(caplog):
     assert "seg-bad" in caplog.text
 
 
+def test_frame_pairs_mouth_mask_covers_the_driving_mouth():
+    from preprocessing.schema import f32_array
+
+    t, size = 6, 32
+    lm = np.zeros((t, 68, 2), np.float32)
+    lm[:] = 4.0  # everything but the mouth far away in a corner
+    for k in range(t):  # mouth landmarks: a ring around (16 + k, 20)
+        ang = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+        lm[k, 48:68] = np.stack([16 + k + 4 * np.cos(ang), 20 + 2 * np.sin(ang)], 1)
+    row = {**_segment("seg-m", t=t, size=size), "landmarks": lm.tobytes()}
+    assert (f32_array(row["landmarks"], (t, 68, 2)) == lm).all()
+    plain = data.frame_pairs(3, seed=1)(row)
+    masked = data.frame_pairs(3, seed=1, mouth_mask=True)(row)
+    assert "mouth_mask" not in plain[0]
+    for p, m in zip(plain, masked, strict=True):
+        assert (p["driving"] == m["driving"]).all()  # the same pairs, with a mask added
+        mask = m["mouth_mask"]
+        assert mask.shape == (size, size) and mask.dtype == np.uint8
+        j = int(round(m["driving"][0, 0, 0] / 20))  # frame j is filled with 20 * j
+        assert mask[20, 16 + j] > 128 and mask[4, 4] == 0 and mask[20, 2] == 0  # feathered edge
+
+
+def test_region_l1_loss_is_the_mean_error_inside_the_mask():
+    from edtalk.losses import region_l1_loss
+
+    a, b = torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)
+    b[:, :, :4] = 1.0  # error 1 in the top half, 0 below
+    top = torch.zeros(2, 1, 8, 8)
+    top[:, :, :4] = 1.0
+    assert float(region_l1_loss(a, b, top)) == pytest.approx(1.0)
+    assert float(region_l1_loss(a, b, 1.0 - top)) == pytest.approx(0.0)
+    assert float(region_l1_loss(a, b, torch.ones(2, 1, 8, 8))) == pytest.approx(0.5)  # = the plain L1
+    with pytest.raises(ValueError, match="mask"):
+        region_l1_loss(a, b, top[:, 0])
+
+
 def test_to_model_inputs_scales_and_resizes():
     batch = {
         "img": torch.full((2, 32, 32, 3), 255, dtype=torch.uint8),

@@ -209,8 +209,9 @@ def _guarded(name: str, key: str, build) -> list[dict]:
         return []
 
 
-def frame_pairs(per_segment: int, seed: int) -> RowFn:
-    """Segments -> (source, driving) frame pairs of one segment (autoencoder): `per_segment` pairs each."""
+def frame_pairs(per_segment: int, seed: int, mouth_mask: bool = False) -> RowFn:
+    """Segments -> (source, driving) frame pairs of one segment (autoencoder): `per_segment` pairs each. With
+    `mouth_mask`, also the driving frame's feathered mouth-region mask (uint8 (S,S), from its landmarks)."""
 
     def build(row: dict) -> list[dict]:
         def gen() -> Iterator[dict]:
@@ -218,14 +219,28 @@ def frame_pairs(per_segment: int, seed: int) -> RowFn:
             if t < 2:
                 return
             rng = rng_for(seed, row["segment_id"])
+            landmarks = f32_array(row["landmarks"], (t, 68, 2)) if mouth_mask else None
             for _ in range(per_segment):
                 i, j = rng.choice(t, size=2, replace=False)
                 src, drv = _frames(row, (i, j))
-                yield {"source": src, "driving": drv}
+                sample = {"source": src, "driving": drv}
+                if landmarks is not None:
+                    sample["mouth_mask"] = _region_mask(landmarks[j], "mouth", drv.shape[0])
+                yield sample
 
         return _guarded("frame_pairs", row["segment_id"], gen)
 
     return build
+
+
+def _region_mask(landmarks: np.ndarray, kind: str, size: int) -> np.ndarray:
+    """uint8 (size, size) feathered region mask, as the swap pairs' masks are made (preprocessing.swaps)."""
+    from preprocessing.swaps import region_mask
+
+    return np.round(region_mask(landmarks, kind, size, MASK_FEATHER) * 255).astype(np.uint8)
+
+
+MASK_FEATHER = 0.1  # the swap masks' default feather (preprocess.mask_feather)
 
 
 def swap_pairs() -> RowFn:

@@ -25,6 +25,7 @@ class AutoencoderParams:
     w_rec: float = 1.0  # weight of L1 reconstruction (Eq. 5)
     w_per: float = 1.0  # weight of the VGG19 perceptual loss (Eq. 5)
     w_adv: float = 1.0  # weight of the generator's adversarial loss (Eq. 6)
+    w_mouth: float = 0.0  # L1 inside the driving frame's mouth region (ours; 0 = paper)
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
@@ -32,7 +33,7 @@ class AutoencoderParams:
         self.perceptual_scales = tuple(self.perceptual_scales)
         if self.steps < 1 or self.lr <= 0 or self.d_lr <= 0 or self.pairs_per_segment < 1:
             raise ValueError("autoencoder params: steps and pairs_per_segment must be >= 1, lr and d_lr > 0")
-        if min(self.w_rec, self.w_per, self.w_adv) < 0:
+        if min(self.w_rec, self.w_per, self.w_adv, self.w_mouth) < 0:
             raise ValueError("autoencoder params: loss weights must be >= 0")
 
 
@@ -44,7 +45,7 @@ def perceptual(p) -> torch.nn.Module:
 
 
 def samples(p: AutoencoderParams, seed: int) -> data.RowFn:
-    return data.frame_pairs(p.pairs_per_segment, seed)
+    return data.frame_pairs(p.pairs_per_segment, seed, mouth_mask=p.w_mouth > 0)
 
 
 def build(model_section: dict, p: AutoencoderParams, upstream: dict[str, str]) -> Nets:
@@ -60,7 +61,14 @@ def step(nets: Nets, batch: dict, p: AutoencoderParams) -> StepOut:
     per = nets.extras["perceptual"](fake, drv)
     adv = losses.generator_adversarial_loss(nets.discriminator(fake))
     loss = p.w_rec * rec + p.w_per * per + p.w_adv * adv
-    return StepOut(loss, {"loss": loss, "rec": rec, "per": per, "adv": adv}, real=drv, fake=fake)
+    logs = {"loss": loss, "rec": rec, "per": per, "adv": adv}
+    if p.w_mouth > 0:
+        # The mouth is a few percent of a tiny frame: without this term G learns to move the head but hardly to
+        # open or close the mouth, and no later stage can then put a mouth into MLN (docs/training.md).
+        logs["mouth"] = losses.region_l1_loss(fake, drv, batch["mouth_mask"])
+        loss = loss + p.w_mouth * logs["mouth"]
+        logs["loss"] = loss
+    return StepOut(loss, logs, real=drv, fake=fake)
 
 
 def grid(nets: Nets, batch: dict, p: AutoencoderParams) -> dict[str, torch.Tensor]:

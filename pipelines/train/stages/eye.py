@@ -41,6 +41,7 @@ class EyeParams:
     w_adv: float = 1.0  # adversarial (Eq. 6)
     w_self: float = 1.0  # self-reconstruction of a and b (L1 + perceptual)
     w_fea: float = 1.0  # feature loss exp(-cos) on the eye features (Eq. 7)
+    w_region: float = 0.0  # L1 inside the swapped eye region, cross- and self-rec (ours; 0 = paper)
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
@@ -51,7 +52,7 @@ class EyeParams:
                 f"eye params: steps must be >= 1, lr and d_lr > 0 (got steps={self.steps}, lr={self.lr}, "
                 f"d_lr={self.d_lr})"
             )
-        if min(self.w_rec, self.w_per, self.w_adv, self.w_self, self.w_fea) < 0:
+        if min(self.w_rec, self.w_per, self.w_adv, self.w_self, self.w_fea, self.w_region) < 0:
             raise ValueError("eye params: loss weights (w_rec, w_per, w_adv, w_self, w_fea) must be >= 0")
 
 

@@ -35,6 +35,7 @@ class MouthPoseParams:
     w_adv: float = 1.0  # adversarial (Eq. 6)
     w_self: float = 1.0  # self-reconstruction of a and b (L1 + perceptual)
     w_fea: float = 1.0  # feature loss exp(-cos) (Eq. 7)
+    w_region: float = 0.0  # L1 inside the swapped mouth region, cross- and self-rec (ours; 0 = paper)
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
@@ -42,7 +43,7 @@ class MouthPoseParams:
         self.perceptual_scales = tuple(self.perceptual_scales)
         if self.steps < 1 or self.lr <= 0 or self.d_lr <= 0:
             raise ValueError("mouth_pose params: steps must be >= 1, lr and d_lr > 0")
-        if min(self.w_rec, self.w_per, self.w_adv, self.w_self, self.w_fea) < 0:
+        if min(self.w_rec, self.w_per, self.w_adv, self.w_self, self.w_fea, self.w_region) < 0:
             raise ValueError("mouth_pose params: loss weights must be >= 0")
 
 

@@ -6,7 +6,8 @@ For a pair (a, b) of one segment, `a_on_b` is b with a's swapped region and `b_o
     kept spaces from b_on_a + swapped spaces from a_on_b  must rebuild a;
     kept spaces from a_on_b + swapped spaces from b_on_a  must rebuild b
 plus self-reconstruction of a and b and the feature loss (Eq. 7) between the features of swapped and original
-images. `mouth_pose` is swapped=("mouth",), kept=("pose",); `eye` is swapped=("eye",), kept=("mouth", "pose").
+images, and (ours, `w_region`) an L1 inside the swapped region of both reconstructions, so that a small region
+(a 64 px mouth is ~6% of the frame) weighs as much as the rest. `mouth_pose` is swapped=("mouth",), kept=("pose",); `eye` is swapped=("eye",), kept=("mouth", "pose").
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def swap_losses(
     a, b = batch["frame_a"], batch["frame_b"]
     c = cross(model, batch, swapped, kept)
     rec = losses.l1_reconstruction_loss(c["hat_a"], a) + losses.l1_reconstruction_loss(c["hat_b"], b)
+    # L1 inside the swapped region (mask_on_a: where a got b's region, i.e. a's own; mask_on_b likewise), for the
+    # cross- and the self-reconstructions: the part of the image that tells the swapped space from the kept ones.
+    ma, mb = batch["mask_on_a"], batch["mask_on_b"]
+    region = losses.region_l1_loss(c["hat_a"], a, ma) + losses.region_l1_loss(c["hat_b"], b, mb)
     per = per_loss(c["hat_a"], a) + per_loss(c["hat_b"], b)
     fakes = torch.cat([c["hat_a"], c["hat_b"]])
     adv = losses.generator_adversarial_loss(nets.discriminator(fakes))
@@ -66,6 +71,7 @@ def swap_losses(
     self_b = model.render(c["ident"], c["w"]["b"])
     self_rec = losses.l1_reconstruction_loss(self_a, a) + losses.l1_reconstruction_loss(self_b, b)
     self_rec = self_rec + per_loss(self_a, a) + per_loss(self_b, b)
+    region = region + losses.region_l1_loss(self_a, a, ma) + losses.region_l1_loss(self_b, b, mb)
     # Eq. 7 on f^{r->s} = sum_i w_i q_i: each part of a swapped image must give the features of the frame it came
     # from (a_on_b: the swapped region of a, the kept spaces of b; b_on_a the other way round).
     spaces = tuple(swapped if feature_spaces is None else feature_spaces)
@@ -82,6 +88,7 @@ def swap_losses(
         "adv": adv,
         "self": self_rec,
         "fea": fea,
+        "region": region,
         "real": torch.cat([a, b]),
         "fake": fakes,
     }
@@ -95,7 +102,7 @@ def swap_step(
     kept: tuple[str, ...],
     feature_spaces: tuple[str, ...] | None = None,
 ) -> StepOut:
-    """One generator step of a swap stage: the terms weighted by p.w_rec, w_per, w_adv, w_self, w_fea."""
+    """One generator step of a swap stage: the terms weighted by p.w_rec, w_per, w_adv, w_self, w_fea, w_region."""
     t = swap_losses(nets, batch, swapped, kept, feature_spaces)
     loss = (
         p.w_rec * t["rec"]
@@ -103,7 +110,8 @@ def swap_step(
         + p.w_adv * t["adv"]
         + p.w_self * t["self"]
         + p.w_fea * t["fea"]
+        + p.w_region * t["region"]
     )
-    logs = {"loss": loss, **{k: t[k] for k in ("rec", "per", "adv", "self", "fea")}}
+    logs = {"loss": loss, **{k: t[k] for k in ("rec", "per", "adv", "self", "fea", "region")}}
     logs["orthogonality"] = torch.tensor(nets.model.orthogonality_error())
     return StepOut(loss, logs, real=t["real"], fake=t["fake"])
