@@ -120,13 +120,15 @@ class _Conv:
         self.packed: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, lrelu: bool) -> torch.Tensor:
-        if self.use_mkldnn and x.dtype == torch.float32 and x.is_contiguous():
-            key = tuple(x.shape)
+        # oneDNN may hand back channels-last outputs (its transposed convs do): both layouts run prepacked.
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if self.use_mkldnn and x.dtype == torch.float32 and (cl or x.is_contiguous()):
+            key = (*x.shape, cl)
             packed = self.packed.get(key)
             if packed is None:
                 p = [self.padding] * 2
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    self.weight.to_mkldnn(), p, [1, 1], [1, 1], self.groups, list(key)
+                    self.weight.to_mkldnn(), p, [1, 1], [1, 1], self.groups, list(x.shape)
                 )
                 self.packed[key] = packed
             p = [self.padding] * 2
@@ -338,6 +340,16 @@ class _FastGenerator:
         return rgb
 
 
+def _var_mean(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(frame, channel) biased variance and mean over H, W, two-pass (mean, then the norm of y - mean):
+    several times faster than torch.var_mean over dims (2, 3) on CPU, and as accurate."""
+    b, c, h, w = y.shape
+    flat = y.reshape(b * c, h * w)
+    mean = flat.mean(dim=1)
+    sq = torch.linalg.vector_norm(flat - mean[:, None], dim=1).square_()
+    return (sq / (h * w)).view(b, c), mean.view(b, c)
+
+
 class _FastEEMBlock:
     def __init__(self, block, use_winograd: bool, use_mkldnn: bool) -> None:
         w1 = block.conv1.weight.detach() * block.conv1.scale
@@ -362,7 +374,7 @@ class _FastEEMBlock:
         h = torch.addcmul(_per_channel(b1).to(x.dtype), prepared, _per_channel(g1).to(x.dtype))
         F.leaky_relu(h, LRELU_SLOPE, inplace=True)
         y = winograd_conv3x3(h, self.winograd) if self.winograd is not None else self.conv2(h, None, False)
-        var, mean = torch.var_mean(y, dim=(2, 3), correction=0)
+        var, mean = _var_mean(y)
         g2, b2 = self._affine(self.norm2, cond)
         a = g2.to(y.dtype) * torch.rsqrt(var + 1e-5)  # instance_norm's eps
         c = b2.to(y.dtype) - mean * a
