@@ -259,7 +259,9 @@ class _FastGenerator:
 
         def conv3(styled, res):
             mods.append(_modulation(styled.conv))
-            wino = styled.conv.in_ch >= winograd_min_channels and winograd_sizes[0] <= res <= winograd_sizes[1]
+            wino = (
+                styled.conv.in_ch >= winograd_min_channels and winograd_sizes[0] <= res <= winograd_sizes[1]
+            )
             return _ModConv3x3(styled, wino, use_mkldnn)
 
         self.conv1 = conv3(gen.conv1, size)
@@ -310,7 +312,9 @@ class _FastGenerator:
 
     def __call__(self, latent: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(feats) != len(self.levels):
-            raise ValueError(f"fast generator: got {len(feats)} identity features, expected {len(self.levels)}")
+            raise ValueError(
+                f"fast generator: got {len(feats)} identity features, expected {len(self.levels)}"
+            )
         b = latent.shape[0]
         styles = iter(torch.split(F.linear(latent, self.mod_weight, self.mod_bias), self.mod_sizes, dim=1))
         s = next(styles)
@@ -425,7 +429,10 @@ class FastRenderer:
                 blocks = []
                 for block in self.model.eem.blocks:
                     ch = block.conv2.weight.shape[1]
-                    wino = ch >= o["winograd_min_channels"] and o["winograd_sizes"][0] <= size <= o["winograd_sizes"][1]
+                    wino = (
+                        ch >= o["winograd_min_channels"]
+                        and o["winograd_sizes"][0] <= size <= o["winograd_sizes"][1]
+                    )
                     blocks.append(_FastEEMBlock(block, wino, o["use_mkldnn"]))
                     size *= 2
                 self.eem = blocks
