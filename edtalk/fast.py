@@ -200,7 +200,7 @@ class _ModUpConv:
     """StyledConv with upsampling: transposed conv (stride 2) -> FIR blur -> * d -> + b -> lrelu * sqrt(2); the
     blur, d, the bias and the activation run as one depthwise convolution (d folded into its kernel)."""
 
-    def __init__(self, styled) -> None:
+    def __init__(self, styled, polyphase_min_size: int = 64, use_mkldnn: bool = True) -> None:
         conv = styled.conv
         w = conv.weight.detach() * conv.scale
         self.w2 = w.pow(2).sum(dim=(2, 3))
@@ -213,9 +213,49 @@ class _ModUpConv:
         k = torch.flip(blur.kernel, [0, 1])  # upfirdn2d convolves: the depthwise conv gets the flipped taps
         self.kernel = k.view(1, 1, *k.shape)
         self.out_ch = w.shape[0]
+        self.polyphase_min_size = polyphase_min_size
+        self.use_mkldnn = use_mkldnn
+        self.polyphase: _Conv | None = None
+
+    def _polyphase(self, xs: torch.Tensor) -> torch.Tensor:
+        """conv_transpose2d(xs, w, stride=2) as one stride-1 conv with the four 2x2 phase kernels stacked as
+        4 * O output channels, then interleaved; the result has one extra (zero) row and column at the end."""
+        if self.polyphase is None:
+            w = self.weight_t.transpose(0, 1)  # (O, I, 3, 3)
+            taps = (
+                (2, 0),
+                (None, 1),
+            )  # output phase 0 takes w[2] (left) and w[0] (right); phase 1 takes w[1]
+            phases = []
+            for ta in taps:
+                for tb in taps:
+                    k = w.new_zeros(w.shape[0], w.shape[1], 2, 2)
+                    for u, a in enumerate(ta):
+                        for v, b in enumerate(tb):
+                            if a is not None and b is not None:
+                                k[:, :, u, v] = w[:, :, a, b]
+                    phases.append(k)
+            self.polyphase = _Conv(torch.cat(phases), padding=1, use_mkldnn=self.use_mkldnn)
+        bsz, _, h, w_ = xs.shape
+        y4 = self.polyphase(xs, None, lrelu=False)  # (B, 4 * O, H + 1, W + 1)
+        o = self.out_ch
+        return (
+            y4.view(bsz, 2, 2, o, h + 1, w_ + 1)
+            .permute(0, 3, 4, 1, 5, 2)
+            .reshape(bsz, o, 2 * h + 2, 2 * w_ + 2)
+        )
 
     def __call__(self, x: torch.Tensor, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        y = F.conv_transpose2d(x * _per_channel(s), self.weight_t.to(x.dtype), stride=2)
+        xs = x * _per_channel(s)
+        if x.shape[2] >= self.polyphase_min_size and x.dtype == torch.float32:
+            y = self._polyphase(xs)  # 2H + 2: the blur below then yields 2H + 1 rows, the last one dropped
+        else:
+            y = F.conv_transpose2d(xs, self.weight_t.to(x.dtype), stride=2)
+        out = self._blur(y, d)
+        h = 2 * x.shape[2]
+        return out if out.shape[2] == h else out[:, :, :h, : 2 * x.shape[3]]
+
+    def _blur(self, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         b = y.shape[0]
         if b == 1:
             kernel = (self.kernel * d[0].view(-1, 1, 1, 1)).to(y.dtype)
@@ -252,7 +292,14 @@ def _modulation(mc) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _FastGenerator:
-    def __init__(self, gen, winograd_min_channels: int, winograd_sizes: tuple[int, int], use_mkldnn: bool):
+    def __init__(
+        self,
+        gen,
+        winograd_min_channels: int,
+        winograd_sizes: tuple[int, int],
+        use_mkldnn: bool,
+        polyphase_min_size: int,
+    ):
         self.const = gen.input.input.detach()
         size = 4
         mods: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -269,7 +316,7 @@ class _FastGenerator:
         for up_conv, conv, flow, to_rgb in zip(gen.up_convs, gen.convs, gen.flows, gen.to_rgbs, strict=True):
             size *= 2
             mods.append(_modulation(up_conv.conv))
-            up = _ModUpConv(up_conv)
+            up = _ModUpConv(up_conv, polyphase_min_size, use_mkldnn)
             c = conv3(conv, size)
             mods.append(_modulation(flow.conv))
             fw = flow.conv.weight.detach() * flow.conv.scale  # (3, C, 1, 1), no demodulation
@@ -402,12 +449,14 @@ class FastRenderer:
         winograd_min_channels: int = 256,
         winograd_sizes: tuple[int, int] = (16, 64),
         use_mkldnn: bool = True,
+        polyphase_min_size: int = 64,
     ) -> None:
         self.model = model
         self.options = {
             "winograd_min_channels": winograd_min_channels if winograd else 1 << 30,
             "winograd_sizes": tuple(winograd_sizes),
             "use_mkldnn": use_mkldnn,
+            "polyphase_min_size": polyphase_min_size,
         }
         self._build()
 
@@ -421,7 +470,11 @@ class FastRenderer:
         with torch.inference_mode():
             o = self.options
             self.generator = _FastGenerator(
-                self.model.generator, o["winograd_min_channels"], o["winograd_sizes"], o["use_mkldnn"]
+                self.model.generator,
+                o["winograd_min_channels"],
+                o["winograd_sizes"],
+                o["use_mkldnn"],
+                o["polyphase_min_size"],
             )
             self.eem = None
             if self.model.eem is not None:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from edtalk import EDTalk, ModelConfig
 from edtalk.fast import FastRenderer, winograd_conv3x3, winograd_weight
 
-ALL_WINOGRAD = {"winograd_min_channels": 1, "winograd_sizes": (4, 4096)}
+# Every eligible layer on the Winograd path and every upsampling conv in polyphase form (tiny sizes included).
+ALL_WINOGRAD = {"winograd_min_channels": 1, "winograd_sizes": (4, 4096), "polyphase_min_size": 1}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,15 @@ def test_winograd_rejects_mismatched_weight() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, ALL_WINOGRAD, {"winograd": False}, {**ALL_WINOGRAD, "use_mkldnn": False}, {"use_mkldnn": False}],
-    ids=["default", "all-winograd", "no-winograd", "winograd-plain-conv", "plain-conv"],
+    [
+        {},
+        ALL_WINOGRAD,
+        {"winograd": False},
+        {**ALL_WINOGRAD, "use_mkldnn": False},
+        {"use_mkldnn": False},
+        {"polyphase_min_size": 1},
+    ],
+    ids=["default", "all-winograd", "no-winograd", "winograd-plain-conv", "plain-conv", "polyphase"],
 )
 def test_fast_render_equals_eager_render(model: EDTalk, options: dict) -> None:
     renderer = FastRenderer(model, **options)
