@@ -439,7 +439,9 @@ class FastRenderer:
     after the model's generator/EEM parameters changed rebuilds the snapshot first.
     winograd_min_channels / winograd_sizes: which 3x3 convs take the Winograd path (input channels >= the first,
     resolution within the range); the defaults are where it beats oneDNN's direct conv on this kind of CPU
-    (bench/model.py); `winograd=False` turns it off.
+    (bench/model.py); `winograd=False` turns it off. polyphase_min_size: upsampling convs with an input at least
+    this large run as one stride-1 conv of the four phase kernels (off by default: faster alone in a
+    microbenchmark at 64/128 px, 12 against 22 ms, but slower in the full render, 316 against 280 ms per frame).
     """
 
     def __init__(
@@ -449,7 +451,7 @@ class FastRenderer:
         winograd_min_channels: int = 256,
         winograd_sizes: tuple[int, int] = (16, 64),
         use_mkldnn: bool = True,
-        polyphase_min_size: int = 64,
+        polyphase_min_size: int = 1 << 30,
     ) -> None:
         self.model = model
         self.options = {
