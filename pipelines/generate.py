@@ -73,7 +73,7 @@ class GenerateParams:
     )
     max_seconds: float = 0.0  # stop after this many seconds of output (0 = the whole audio / driving video)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    fast_render: bool = True  # on CPU, render through the inference fast path (edtalk/fast.py, bench/model.py)
+    fast_render: bool = True  # on CPU: render through the fast path (edtalk/fast.py)
 
     def __post_init__(self) -> None:
         checks = [
