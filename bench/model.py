@@ -1,27 +1,27 @@
 """Per-frame rendering latency of the paper preset on this CPU (random weights): naive path vs fast path.
 
 naive: for every frame, re-encode the identity image and render that one frame (batch 1, fp32, no_grad) — what the
-       reference demo does.
-fast:  encode the identity once, render under torch.inference_mode; the EEM's identity-only half runs once per
-       identity (and all of it once per clip-level expression). One frame per render call (--batch 1), contiguous
-       memory: on this CPU that is faster than batching (measured in the same run as fast_batched_cl).
-fast_batched_cl: the same with --batched frames per call and channels-last memory, the usual GPU recipe: at 256 px
-       the batched activations (64 ch x 256 x 256 per frame) fall out of cache and oneDNN's channels-last kernels
-       are slower here, so it loses to per-frame calls on CPU.
-fast_bf16: the fast path under CPU bf16 autocast (AMX/AVX512-BF16 where present), reported with its own error.
+       reference demo does (the plain eager model).
+fast:  encode the identity once, then render each frame through the inference fast path `model.fast_renderer()`
+       (edtalk/fast.py: folded scales and gains, oneDNN convs on prepacked weights with bias + leaky ReLU fused,
+       Winograd F(4x4, 3x3) for the wide 3x3 convs at 16..64 px, fewer elementwise passes); the EEM's
+       identity-only half runs once per identity (and all of it once per clip-level expression). fp32.
+fast_eager: the previous fast path, for reference: identity cached, EDTalk.render under inference_mode.
+fast_bf16: fast_eager under CPU bf16 autocast (AMX/AVX512-BF16 where present), reported with its own error.
 
 Two driving scenarios, both rendering all four spaces: `per_frame_expression` (expression weights change every
 frame: video-driven) and `clip_expression` (one expression per clip: the audio-driven predictor of Eq. 15, or an
-emotion's mean weights). Rounds alternate naive and fast so both see the same machine load; medians are reported.
+emotion's mean weights). Rounds alternate the paths so all see the same machine load; medians are reported.
+The fast renderer's one-off costs (building the weight snapshot, the first call's oneDNN weight prepacking) are
+measured separately (`prepare_ms`, `first_render_ms`) and not in the per-frame times.
 
-Usage: python bench/model.py [--frames 8] [--batch 1] [--batched 8] [--rounds 3]
+Usage: python bench/model.py [--frames 8] [--rounds 3]
 Writes bench/results/model.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -74,7 +74,18 @@ def run_naive(model, img, weights) -> tuple[torch.Tensor, float, float]:
     return torch.cat(outs), (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
-def run_fast(model, img, weights, batch: int, bf16: bool = False) -> tuple[torch.Tensor, float, float]:
+def run_fast(renderer, model, img, weights) -> tuple[torch.Tensor, float, float]:
+    n = next(iter(weights.values())).shape[0]
+    outs = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    with torch.inference_mode():
+        ident = model.encode_identity(img)  # once per clip, counted in the per-frame time
+        for t in range(n):
+            outs.append(renderer.render(ident, _slice(weights, t, t + 1)))
+    return torch.cat(outs), (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+
+
+def run_eager(model, img, weights, batch: int, bf16: bool = False) -> tuple[torch.Tensor, float, float]:
     n = next(iter(weights.values())).shape[0]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     outs = []
@@ -98,24 +109,22 @@ def gflops(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=8, help="frames rendered per round and path")
-    parser.add_argument("--batch", type=int, default=1, help="frames per render call on the fast path")
-    parser.add_argument("--batched", type=int, default=8, help="frames per render call on fast_batched_cl")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating naive/fast rounds (median reported)"
+        "--rounds", type=int, default=3, help="alternating rounds of all paths (median reported)"
     )
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast path")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
     args = parser.parse_args()
 
     from edtalk import EDTalk, ModelConfig
+    from edtalk.fast import prepared_conv_available
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("paper")
     cfg.expression_predictor = None  # not on the rendering path (and its checkpoints are not on this machine)
     model = EDTalk(cfg).eval()
     counts = model.parameter_counts()
-    fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     img, img_name = _identity_image(cfg.image_size)
-    img_cl = img.contiguous(memory_format=torch.channels_last)
     _log(f"paper preset built: generator+EEM {counts['generator_with_eem']:,} params; identity {img_name}")
 
     g = torch.Generator().manual_seed(1)
@@ -124,7 +133,7 @@ def main() -> None:
     per_frame = {s: w + 0.3 * torch.randn(args.frames, w.shape[1], generator=g) for s, w in own.items()}
     clip = {**per_frame, "expression": per_frame["expression"][:1].expand(args.frames, -1).contiguous()}
     scenarios = {"per_frame_expression": per_frame, "clip_expression": clip}
-    bf16 = _bf16_supported()
+    bf16 = _bf16_supported() and not args.no_bf16
 
     flops_encode = gflops(lambda: model.encode_identity(img))
     with torch.no_grad():
@@ -135,59 +144,63 @@ def main() -> None:
         f"GFLOPs per frame: encode {flops_encode:.1f}, render {flops_render:.1f} (G alone {flops_decoder:.1f})"
     )
 
+    # One-off costs of the fast path, outside the per-frame times: the weight snapshot, then the first render
+    # (oneDNN weight prepacking per layer, Winograd weight transforms were done in the snapshot).
+    t0 = time.perf_counter()
+    renderer = model.fast_renderer()
+    prepare_ms = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    renderer.render(ident, _slice(per_frame, 0, 1))
+    first_render_ms = (time.perf_counter() - t0) * 1e3
+    _log(f"fast renderer: prepare {prepare_ms:.0f} ms, first render {first_render_ms:.0f} ms")
+
+    paths = ["naive", "fast", "fast_eager"] + (["fast_bf16"] if bf16 else [])
     load_before = os.getloadavg()
     results = {}
     for name, weights in scenarios.items():
-        times = {"naive": [], "fast": [], "fast_batched_cl": [], "fast_bf16": []}
-        cpu = {"naive": [], "fast": [], "fast_batched_cl": [], "fast_bf16": []}
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        cpu: dict[str, list[float]] = {k: [] for k in paths}
         outs = {}
-        # Warm-up (first-call allocations, oneDNN primitive creation), not timed.
-        run_fast(model, img, _slice(weights, 0, args.batch), args.batch)
-        run_fast(fast_model, img_cl, _slice(weights, 0, args.batched), args.batched)
-        run_naive(model, img, _slice(weights, 0, 1))
-        if bf16:
-            run_fast(model, img, _slice(weights, 0, args.batch), args.batch, bf16=True)
+        runners = {
+            "naive": lambda w: run_naive(model, img, w),
+            "fast": lambda w: run_fast(renderer, model, img, w),
+            "fast_eager": lambda w: run_eager(model, img, w, 1),
+            "fast_bf16": lambda w: run_eager(model, img, w, 1, bf16=True),
+        }
+        for k in paths:  # warm-up (first-call allocations, oneDNN primitive creation), not timed
+            runners[k](_slice(weights, 0, 1))
         for r in range(args.rounds):
-            outs["naive"], t, c = run_naive(model, img, weights)
-            times["naive"].append(t)
-            cpu["naive"].append(c)
-            outs["fast"], t, c = run_fast(model, img, weights, args.batch)
-            times["fast"].append(t)
-            cpu["fast"].append(c)
-            outs["fast_batched_cl"], t, c = run_fast(fast_model, img_cl, weights, args.batched)
-            times["fast_batched_cl"].append(t)
-            cpu["fast_batched_cl"].append(c)
-            if bf16:
-                outs["fast_bf16"], t, c = run_fast(model, img, weights, args.batch, bf16=True)
-                times["fast_bf16"].append(t)
-                cpu["fast_bf16"].append(c)
+            for k in paths:
+                outs[k], t, c = runners[k](weights)
+                times[k].append(t)
+                cpu[k].append(c)
             _log(
                 f"{name} round {r + 1}/{args.rounds}: "
                 + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms/frame" for k, v in times.items() if v)
             )
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         res = {
             "ms_per_frame_naive": round(med["naive"], 1),
             "ms_per_frame_fast": round(med["fast"], 1),
             "speedup": round(med["naive"] / med["fast"], 2),
             "max_abs_diff": float((outs["fast"] - outs["naive"]).abs().max()),
+            "mean_abs_diff": float((outs["fast"] - outs["naive"]).abs().mean()),
             "output_abs_max": float(outs["naive"].abs().max()),
-            "ms_per_frame_fast_batched_cl": round(med["fast_batched_cl"], 1),
-            "speedup_batched_cl": round(med["naive"] / med["fast_batched_cl"], 2),
-            "max_abs_diff_batched_cl": float((outs["fast_batched_cl"] - outs["naive"]).abs().max()),
+            "ms_per_frame_fast_eager": round(med["fast_eager"], 1),
+            "speedup_fast_eager": round(med["naive"] / med["fast_eager"], 2),
+            "max_abs_diff_fast_eager": float((outs["fast_eager"] - outs["naive"]).abs().max()),
+            "fast_vs_fast_eager": round(med["fast_eager"] / med["fast"], 2),
         }
         if bf16:
             res["ms_per_frame_fast_bf16"] = round(med["fast_bf16"], 1)
             res["speedup_bf16"] = round(med["naive"] / med["fast_bf16"], 2)
-            res["max_abs_diff_bf16"] = float((outs["fast_bf16"] - outs["naive"]).abs().max())
-            res["mean_abs_diff_bf16"] = float((outs["fast_bf16"] - outs["naive"]).abs().mean())
+            res["max_abs_diff_bf16"] = float((outs["fast_bf16"].float() - outs["naive"]).abs().max())
+            res["mean_abs_diff_bf16"] = float((outs["fast_bf16"].float() - outs["naive"]).abs().mean())
         # Process CPU time (all threads): robust to other processes sharing the cores, unlike wall time.
-        cmed = {k: statistics.median(v) * 1e3 for k, v in cpu.items() if v}
+        cmed = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
         res["cpu_ms_per_frame"] = {k: round(v, 1) for k, v in cmed.items()}
         res["speedup_cpu_time"] = round(cmed["naive"] / cmed["fast"], 2)
-        if bf16:
-            res["speedup_cpu_time_bf16"] = round(cmed["naive"] / cmed["fast_bf16"], 2)
-        res["all_ms_per_frame"] = {k: [round(x * 1e3, 1) for x in v] for k, v in times.items() if v}
+        res["all_ms_per_frame"] = {k: [round(x * 1e3, 1) for x in v] for k, v in times.items()}
         results[name] = res
         _log(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'all_ms_per_frame'})}")
 
@@ -201,6 +214,8 @@ def main() -> None:
         "speedup": head["speedup"],
         "max_abs_diff": head["max_abs_diff"],
         "speedup_cpu_time": head["speedup_cpu_time"],
+        "fast_prepare_ms": round(prepare_ms, 1),
+        "fast_first_render_ms": round(first_render_ms, 1),
         "scenarios": results,
         "gflops_per_frame": {
             "encode_identity": round(flops_encode, 1),
@@ -211,11 +226,11 @@ def main() -> None:
         "settings": {
             "preset": "paper",
             "frames": args.frames,
-            "batch": args.batch,
-            "batched": args.batched,
             "rounds": args.rounds,
             "identity_image": img_name,
             "bf16_autocast": bf16,
+            "fast_options": renderer.options,
+            "onednn_prepacked_conv": prepared_conv_available(),
         },
         "conditions": {
             "cpu": platform.processor() or platform.machine(),

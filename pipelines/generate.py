@@ -73,6 +73,7 @@ class GenerateParams:
     )
     max_seconds: float = 0.0  # stop after this many seconds of output (0 = the whole audio / driving video)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    fast_render: bool = True  # on CPU: render through the fast path (edtalk/fast.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -590,7 +591,7 @@ class Drivers:
 
 
 def render_batched(model, ident, weights: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
-    """model.render over the frames of `weights` in calls of at most `batch` frames (same output as one call)."""
+    """model.render (an EDTalk or its FastRenderer) over the frames of `weights` in calls of at most `batch` frames (same output as one call)."""
     n = next(iter(weights.values())).shape[0]
     if batch >= n:
         return model.render(ident, weights)
@@ -637,6 +638,8 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     digest = hashlib.sha256()  # of the rendered frames before encoding: identical generations, identical hash
     try:
         render_batch = params.render_batch or (params.chunk_frames if device.type != "cpu" else 1)
+        # The fast path computes the same frames as model.render (within float rounding, bench/model.py).
+        renderer = model.fast_renderer() if params.fast_render and device.type == "cpu" else model
         bar = tqdm(total=plan.num_frames, unit="frame", desc="generate", disable=None)
         for start in range(0, plan.num_frames, params.chunk_frames):
             stop = min(plan.num_frames, start + params.chunk_frames)
@@ -644,9 +647,9 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
             with torch.no_grad():
                 weights, panels = drivers.chunk(start, stop)
                 t1 = time.perf_counter()
-                images = render_batched(model, ident, weights, render_batch) if weights else None
+                images = render_batched(renderer, ident, weights, render_batch) if weights else None
                 if images is None:  # every space kept from the identity: the identity reconstructed
-                    images = model.render(ident, {}).expand(stop - start, -1, -1, -1)
+                    images = renderer.render(ident, {}).expand(stop - start, -1, -1, -1)
                 frames = to_uint8(images)
             t2 = time.perf_counter()
             audio = (

@@ -1,0 +1,137 @@
+"""The inference fast path (edtalk/fast.py) at the tiny preset: Winograd conv against F.conv2d, FastRenderer against
+EDTalk.render (every code path: Winograd on/off, oneDNN prepacked or plain convs, per-frame and per-clip
+expression, batches, a non-trivial warp), and its rebuild after a weight change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edtalk import EDTalk, ModelConfig
+from edtalk.fast import FastRenderer, winograd_conv3x3, winograd_weight
+
+# Every eligible layer on the Winograd path and every upsampling conv in polyphase form (tiny sizes included).
+ALL_WINOGRAD = {"winograd_min_channels": 1, "winograd_sizes": (4, 4096), "polyphase_min_size": 1}
+
+
+@pytest.fixture(scope="module")
+def model() -> EDTalk:
+    torch.manual_seed(0)
+    m = EDTalk(ModelConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        # The flow heads start as the identity warp; give them a real (small) warp and mask so the fast path's
+        # grid_sample / mask / blend algebra is exercised, and non-zero biases everywhere. Small: a strong random
+        # warp amplifies float32 rounding ~10x per scale (at 0.3 the eager model itself is 5e-4 off float64).
+        for flow in m.generator.flows:
+            flow.conv.weight.normal_(0.0, 0.05)
+            flow.bias.normal_(0.0, 0.05)
+        for name, p in m.generator.named_parameters():
+            if name.endswith("activate.bias"):
+                p.normal_(0.0, 0.2)
+    return m
+
+
+def _inputs(model: EDTalk, n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        ident = model.encode_identity(img)
+    weights = {s: w + 0.5 * torch.randn(n, w.shape[1], generator=g) for s, w in ident.weights.items()}
+    return ident, weights
+
+
+@pytest.mark.parametrize(("h", "w", "batch"), [(8, 8, 1), (13, 10, 2), (4, 4, 1), (33, 17, 1)])
+def test_winograd_conv_equals_conv2d(h: int, w: int, batch: int) -> None:
+    g = torch.Generator().manual_seed(h * w)
+    x = torch.randn(batch, 6, h, w, generator=g)
+    weight = torch.randn(5, 6, 3, 3, generator=g) / 4
+    scale = torch.rand(batch, 6, generator=g) + 0.5
+    out = winograd_conv3x3(x, winograd_weight(weight), scale)
+    ref = F.conv2d(x * scale[:, :, None, None], weight, padding=1)
+    assert out.shape == ref.shape
+    # F(4x4, 3x3) rounds a little more than direct convolution (transform entries up to 8): ~1e-5 on values ~3.
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=0)
+    # Not a coincidence of symmetric data: a flipped kernel (convolution instead of correlation) differs.
+    flipped = winograd_conv3x3(x, winograd_weight(weight.flip(2, 3)), scale)
+    assert (flipped - ref).abs().max() > 1e-2
+
+
+def test_winograd_rejects_mismatched_weight() -> None:
+    with pytest.raises(ValueError, match="3x3"):
+        winograd_weight(torch.randn(2, 2, 1, 1))
+    with pytest.raises(ValueError, match="input channels"):
+        winograd_conv3x3(torch.randn(1, 4, 8, 8), winograd_weight(torch.randn(2, 3, 3, 3)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        ALL_WINOGRAD,
+        {"winograd": False},
+        {**ALL_WINOGRAD, "use_mkldnn": False},
+        {"use_mkldnn": False},
+        {"polyphase_min_size": 1},
+    ],
+    ids=["default", "all-winograd", "no-winograd", "winograd-plain-conv", "plain-conv", "polyphase"],
+)
+def test_fast_render_equals_eager_render(model: EDTalk, options: dict) -> None:
+    renderer = FastRenderer(model, **options)
+    if options.get("winograd_min_channels") == 1:
+        assert any(lv["conv"].winograd is not None for lv in renderer.generator.levels)
+        assert all(block.winograd is not None for block in renderer.eem)
+    ident, weights = _inputs(model, 3)
+    clip = {**weights, "expression": weights["expression"][:1].expand(3, -1)}
+    with torch.no_grad():
+        for w in (weights, clip, {"mouth": weights["mouth"]}, {}):
+            ref = model.render(ident, w)
+            out = renderer.render(ident, w)
+            assert out.shape == ref.shape
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+            assert ref.abs().max() > 0.5  # a real image, not a degenerate zero
+
+
+def test_fast_generator_batch_path(model: EDTalk) -> None:
+    """The batched (B > 1) branches, used on GPUs, agree with the eager generator too."""
+    renderer = FastRenderer(model, **ALL_WINOGRAD)
+    ident, weights = _inputs(model, 2, seed=3)
+    with torch.no_grad():
+        latent = ident.latent + model.motion_features(weights)
+        feats = [f.expand(2, -1, -1, -1) for f in ident.features]
+        ref = model.generator(latent, feats)
+    with torch.inference_mode():
+        out = renderer.generator(latent, feats)
+        ref_eem = model.eem(ident.features, latent)
+        prepared = [b.prepare(f) for b, f in zip(renderer.eem, ident.features, strict=True)]
+        out_eem = [b(f, latent, p) for b, f, p in zip(renderer.eem, ident.features, prepared, strict=True)]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    for a, b in zip(out_eem, ref_eem, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_fast_render_identity_batch(model: EDTalk) -> None:
+    g = torch.Generator().manual_seed(5)
+    imgs = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        ident = model.encode_identity(imgs)
+        weights = {"expression": torch.randn(2, ident.weights["expression"].shape[1], generator=g)}
+        ref = model.render(ident, weights)
+    out = FastRenderer(model).render(ident, weights)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_fast_renderer_rebuilds_after_weight_change() -> None:
+    torch.manual_seed(0)
+    model = EDTalk(ModelConfig.preset("tiny")).eval()
+    renderer = model.fast_renderer()
+    assert model.fast_renderer() is renderer  # cached on the model
+    ident, weights = _inputs(model, 2)
+    before = renderer.render(ident, weights)
+    with torch.no_grad():
+        model.generator.convs[-1].conv.weight.mul_(1.5).add_(0.1)
+        model.eem.blocks[-1].conv1.weight.add_(0.2)
+        ref = model.render(ident, weights)
+    after = renderer.render(ident, weights)
+    assert (after - before).abs().max() > 1e-3  # the snapshot was not reused
+    torch.testing.assert_close(after, ref, atol=1e-4, rtol=0)
