@@ -522,14 +522,8 @@ class FastRenderer:
         with torch.inference_mode():
             if self._versions() != self.versions:
                 self._build()
-            model = self.model
-            full = model._complete_weights(identity, weights)
-            motion = model.navigation.motion(full)
-            n = next(iter(full.values())).shape[0]
-            latent = identity.latent
-            if latent.shape[0] != n:
-                latent = latent.expand(n, -1)
-            latent = latent + torch.stack(list(motion.values())).sum(0)
+            latent, motion = self.model.driving_latent(identity, weights)
+            n = latent.shape[0]
             feats = identity.features
             if self.eem is not None and "expression" in motion:
                 feats = self._eem(identity, motion["expression"])

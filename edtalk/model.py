@@ -170,17 +170,24 @@ class EDTalk(nn.Module):
         """Render frames: f^{i->d} = f^{i->r} + sum_s f^{r->s}, identity features (EEM-conditioned when the
         expression space takes part), through G. Spaces not given take the identity's own weights.
         """
+        latent, motion = self.driving_latent(identity, weights)
+        feats = identity.features
+        if self.eem is not None and "expression" in motion:
+            feats = self._eem_features(identity, motion["expression"])
+        return self.generator(latent, feats)
+
+    def driving_latent(
+        self, identity: Identity, weights: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(f^{i->d} (N,D), per-space f^{r->s}): the identity's latent plus the motion of every space, the spaces
+        not given taking the identity's own weights. Shared by `render` and the inference FastRenderer."""
         full = self._complete_weights(identity, weights)
         motion = self.navigation.motion(full)
         n = next(iter(full.values())).shape[0]
         latent = identity.latent
         if latent.shape[0] != n:
             latent = latent.expand(n, -1)
-        latent = latent + torch.stack(list(motion.values())).sum(0)
-        feats = identity.features
-        if self.eem is not None and "expression" in motion:
-            feats = self._eem_features(identity, motion["expression"])
-        return self.generator(latent, feats)
+        return latent + torch.stack(list(motion.values())).sum(0), motion
 
     def _eem_features(self, identity: Identity, f_e: torch.Tensor) -> list[torch.Tensor]:
         """EEM(f^id, f^{r->e}); without autograd, the identity-only part (and the whole result for a repeated
