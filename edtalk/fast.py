@@ -301,6 +301,8 @@ class _FastGenerator:
         polyphase_min_size: int,
     ):
         self.const = gen.input.input.detach()
+        # the finest levels whose ToRGB sees the blend of warp and generated features (Generator.paint_scales)
+        self.first_paint = len(gen.convs) - gen.paint_scales
         size = 4
         mods: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -383,11 +385,17 @@ class _FastGenerator:
             if feat.shape[0] != b:
                 feat = feat.expand(b, -1, -1, -1)
             raw = F.grid_sample(feat.to(out.dtype), grid, align_corners=True)
-            # ToRGB is a per-pixel linear map over channels: ToRGB(raw * mask) = mask * ToRGB(raw).
-            rgb_new = torch.addcmul(lv["rgb_b"].to(out.dtype), mask, self._conv1x1(raw, lv["rgb_w"], s_rgb))
+            if i >= self.first_paint:  # ToRGB of the blend mask * warped + (1 - mask) * gen
+                out = torch.lerp(out, raw, mask)
+                rgb_new = self._conv1x1(out, lv["rgb_w"], s_rgb) + lv["rgb_b"].to(out.dtype)
+            else:
+                # ToRGB is a per-pixel linear map over channels: ToRGB(raw * mask) = mask * ToRGB(raw).
+                rgb_new = torch.addcmul(
+                    lv["rgb_b"].to(out.dtype), mask, self._conv1x1(raw, lv["rgb_w"], s_rgb)
+                )
+                if i < last:
+                    out = torch.lerp(out, raw, mask)  # mask * warped + (1 - mask) * gen
             rgb = rgb_new if rgb is None else rgb_new + lv["rgb_up"](rgb)
-            if i < last:
-                out = torch.lerp(out, raw, mask)  # mask * warped + (1 - mask) * gen
         return rgb
 
 

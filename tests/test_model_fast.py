@@ -92,6 +92,20 @@ def test_fast_render_equals_eager_render(model: EDTalk, options: dict) -> None:
             assert ref.abs().max() > 0.5  # a real image, not a degenerate zero
 
 
+def test_fast_render_follows_paint_scales(model: EDTalk) -> None:
+    """A generator whose finest ToRGB sees the blended features (generator.paint_scales) renders the same image
+    through the fast path."""
+    painted = EDTalk(
+        ModelConfig.from_dict({**model.config.to_dict(), "generator": {"paint_scales": 2}})
+    ).eval()
+    painted.load_state_dict(model.state_dict())
+    ident, weights = _inputs(painted, 2)
+    with torch.no_grad():
+        ref = painted.render(ident, weights)
+        assert (ref - model.render(ident, weights)).abs().max() > 1e-3  # the option changes the image
+        torch.testing.assert_close(painted.fast_renderer().render(ident, weights), ref, atol=1e-4, rtol=0)
+
+
 def test_fast_generator_batch_path(model: EDTalk) -> None:
     """The batched (B > 1) branches, used on GPUs, agree with the eager generator too."""
     renderer = FastRenderer(model, **ALL_WINOGRAD)
