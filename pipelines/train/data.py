@@ -234,13 +234,13 @@ def frame_pairs(per_segment: int, seed: int, mouth_mask: bool = False) -> RowFn:
 
 
 def _region_mask(landmarks: np.ndarray, kind: str, size: int) -> np.ndarray:
-    """uint8 (size, size) feathered region mask, as the swap pairs' masks are made (preprocessing.swaps)."""
+    """uint8 (size, size) feathered region mask, made as the swap pairs' masks are (preprocessing.swaps, with
+    preprocessing's default feather)."""
+    from preprocessing.params import PreprocessParams
     from preprocessing.swaps import region_mask
 
-    return np.round(region_mask(landmarks, kind, size, MASK_FEATHER) * 255).astype(np.uint8)
-
-
-MASK_FEATHER = 0.1  # the swap masks' default feather (preprocess.mask_feather)
+    feather = PreprocessParams.mask_feather
+    return np.round(region_mask(landmarks, kind, size, feather) * 255).astype(np.uint8)
 
 
 def swap_pairs() -> RowFn:
