@@ -59,7 +59,7 @@ class GenerateParams:
     """The `generate:` section of params.yaml (see the comments there)."""
 
     chunk_frames: int = 32  # frames decoded, rendered and muxed per step; bounds memory
-    render_batch: int = 0  # frames per render call within a chunk; 0 = auto: 1 on CPU (faster there, bench/model.py), the whole chunk on GPU
+    render_batch: int = 0  # frames per render call within a chunk; 0 = auto: the whole chunk (GPU, CPU fast path), 1 for the eager model on CPU
     temperature: float = 0.7  # scale of the Gaussian noise the pose/eye flows sample from (0 = the mode)
     seed: int = 0  # seeds the pose/eye flow samples, so a run is reproducible
     crf: int = 18  # x264 constant rate factor (lower = better quality, larger file)
@@ -637,9 +637,12 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     previewer = None
     digest = hashlib.sha256()  # of the rendered frames before encoding: identical generations, identical hash
     try:
-        render_batch = params.render_batch or (params.chunk_frames if device.type != "cpu" else 1)
         # The fast path computes the same frames as model.render (within float rounding, bench/model.py).
         renderer = model.fast_renderer() if params.fast_render and device.type == "cpu" else model
+        # auto: whole chunks on GPU and through the fast path (it batches the coarse levels and runs the fine
+        # ones frame by frame itself); one frame per call for the eager model on CPU (faster there).
+        batched = device.type != "cpu" or renderer is not model
+        render_batch = params.render_batch or (params.chunk_frames if batched else 1)
         bar = tqdm(total=plan.num_frames, unit="frame", desc="generate", disable=None)
         for start in range(0, plan.num_frames, params.chunk_frames):
             stop = min(plan.num_frames, start + params.chunk_frames)

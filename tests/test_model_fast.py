@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from edtalk import EDTalk, ModelConfig
-from edtalk.fast import FastRenderer, winograd_conv3x3, winograd_weight
+from edtalk.fast import FastRenderer, _var_mean, warp_bilinear, winograd_conv3x3, winograd_weight
 
 # Every eligible layer on the Winograd path and every upsampling conv in polyphase form (tiny sizes included).
 ALL_WINOGRAD = {"winograd_min_channels": 1, "winograd_sizes": (4, 4096), "polyphase_min_size": 1}
@@ -57,6 +57,42 @@ def test_winograd_conv_equals_conv2d(h: int, w: int, batch: int) -> None:
     assert (flipped - ref).abs().max() > 1e-2
 
 
+def test_winograd_conv_returns_channels_last() -> None:
+    x = torch.randn(2, 8, 12, 12)
+    out = winograd_conv3x3(x, winograd_weight(torch.randn(4, 8, 3, 3)))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "ho", "wo", "batch"), [(8, 8, 8, 8, 1), (9, 13, 7, 11, 2), (16, 16, 16, 16, 3)]
+)
+def test_sparse_warp_equals_grid_sample(h: int, w: int, ho: int, wo: int, batch: int) -> None:
+    """warp_bilinear == F.grid_sample(align_corners=True, zero padding), also where the grid leaves the image
+    (every corner case of the zero padding: left, right, top, bottom, far outside)."""
+    g = torch.Generator().manual_seed(h * w + batch)
+    feat = torch.randn(batch, 5, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    grid = torch.rand(batch, ho, wo, 2, generator=g) * 2.6 - 1.3  # ~1/5 of the taps outside the source
+    grid[0, 0, 0] = torch.tensor([-3.0, 0.2])
+    grid[0, 0, 1] = torch.tensor([1.0, 1.0])  # exactly on the last pixel
+    ref = F.grid_sample(feat.contiguous(), grid, align_corners=True)
+    out = warp_bilinear(feat, grid)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    one = warp_bilinear(feat[:1], grid)  # one source broadcast over a batch of grids
+    torch.testing.assert_close(
+        one, F.grid_sample(feat[:1].expand(batch, -1, -1, -1), grid, align_corners=True)
+    )
+
+
+def test_instance_norm_statistics() -> None:
+    """The single-pass E[y^2] - E[y]^2 statistics match F.instance_norm, also for a mean several times the spread."""
+    g = torch.Generator().manual_seed(0)
+    y = (torch.randn(2, 6, 32, 32, generator=g) + 4.0).contiguous(memory_format=torch.channels_last)
+    var, mean = _var_mean(y)
+    normed = (y - mean[:, :, None, None]) * torch.rsqrt(var[:, :, None, None] + 1e-5)
+    torch.testing.assert_close(normed, F.instance_norm(y.contiguous()), atol=1e-4, rtol=0)
+
+
 def test_winograd_rejects_mismatched_weight() -> None:
     with pytest.raises(ValueError, match="3x3"):
         winograd_weight(torch.randn(2, 2, 1, 1))
@@ -73,8 +109,19 @@ def test_winograd_rejects_mismatched_weight() -> None:
         {**ALL_WINOGRAD, "use_mkldnn": False},
         {"use_mkldnn": False},
         {"polyphase_min_size": 1},
+        {"batch_max_size": 1, "sparse_warp_min_size": 1},
+        {"batch_max_size": 1 << 30, "sparse_warp_min_size": 1 << 30},
     ],
-    ids=["default", "all-winograd", "no-winograd", "winograd-plain-conv", "plain-conv", "polyphase"],
+    ids=[
+        "default",
+        "all-winograd",
+        "no-winograd",
+        "winograd-plain-conv",
+        "plain-conv",
+        "polyphase",
+        "per-frame-sparse-warp",
+        "batched-grid-sample",
+    ],
 )
 def test_fast_render_equals_eager_render(model: EDTalk, options: dict) -> None:
     renderer = FastRenderer(model, **options)
