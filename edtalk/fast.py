@@ -20,6 +20,8 @@ and rebuilds itself when the model's weights change. tests/test_model_fast.py ch
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -76,6 +78,31 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     g = torch.tensor(_WINO_G, dtype=torch.float64, device=weight.device)
     u = torch.einsum("ak,oikl,bl->aboi", g, weight.double(), g)
     return u.reshape(36, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+
+
+_RETAINED: bool | None = None
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc serve blocks up to 32 MiB from its heap and keep freed memory instead of returning it
+    to the system (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD / M_TOP_PAD; process-wide, once). By default glibc
+    maps every block above its threshold afresh and unmaps it when freed, so each frame's 8-17 MB activations are
+    page-faulted in again on first touch: ~10% of a 256 px render on CPU (bench/model.py). The cost: the process
+    keeps its peak heap. True if applied (glibc), False elsewhere."""
+    global _RETAINED
+    if _RETAINED is None:
+        _RETAINED = False
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+            _RETAINED = bool(
+                libc.mallopt(m_mmap_threshold, 32 << 20)
+                and libc.mallopt(m_trim_threshold, 1 << 30)
+                and libc.mallopt(m_top_pad, 64 << 20)
+            )
+        except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt, Windows)
+            _RETAINED = False
+    return _RETAINED
 
 
 def _cl(x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +178,11 @@ def warp_bilinear(feat: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
                 crow, cols, vals.to(feat.dtype), (ho * wo, h * w), check_invariants=False
             )
         src = feat[i if b > 1 else 0].permute(1, 2, 0).reshape(h * w, c)  # a view for channels-last features
-        outs.append((sparse @ src).view(1, ho, wo, c))
+        out = src.new_empty(ho * wo, c)
+        # Written in place (beta=0 ignores the uninitialised buffer): `sparse @ src` zero-fills a result and
+        # copies it once more (2x slower).
+        torch.addmm(out, sparse, src, beta=0, out=out)
+        outs.append(out.view(1, ho, wo, c))
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out.permute(0, 3, 1, 2)
 
@@ -237,6 +268,25 @@ def _mkldnn_deconv_ok() -> bool:
     return _MKLDNN_DECONV_OK
 
 
+# Fold the styles into a per-call weight copy when the weight has at most 1/FOLD_RATIO the elements of one frame.
+FOLD_RATIO = 16
+
+
+def _fold_styles_shape(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether scaling a copy of `weight` per call is cheaper than a pass over one frame of x (fp32 on CPU, the
+    weight at most 1/16 of the frame's activations: the 64-channel convs at 256 px)."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.numel() * FOLD_RATIO <= x[0].numel()
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    )
+
+
+def _fold_styles(conv: _Conv, x: torch.Tensor) -> bool:
+    return conv.use_mkldnn and _fold_styles_shape(conv.weight, x)
+
+
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v[:, :, None, None]
 
@@ -258,6 +308,13 @@ class _ModConv3x3:
             out = winograd_conv3x3(x, self.winograd, s)
             out.mul_(_per_channel(d)).add_(_per_channel(self.bias.expand_as(d)))
             return F.leaky_relu(out, LRELU_SLOPE, inplace=True)
+        if d.shape[0] == 1 and _fold_styles(self.conv, x):
+            # One frame with a small weight and a large input: s (input channels) and d (output channels) go
+            # into a per-call copy of the weight instead of two passes over the activations.
+            w = self.conv.weight * (s[0].view(1, -1, 1, 1) * d[0].view(-1, 1, 1, 1))
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, w, self.bias, [1, 1], [1, 1], [1, 1], 1, "leaky_relu", [LRELU_SLOPE], ""
+            )
         xs = x * _per_channel(s)
         if d.shape[0] == 1:
             # lrelu(y * d + b) = d * lrelu(y + b / d) for d > 0: bias and activation fused into the conv.
@@ -319,6 +376,30 @@ class _ModUpConv:
         )
 
     def __call__(self, x: torch.Tensor, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if (
+            s.shape[0] == 1
+            and x.shape[2] < self.polyphase_min_size
+            and self.use_mkldnn
+            and _mkldnn_deconv_ok()
+            and _fold_styles_shape(self.weight_t, x)
+        ):
+            # s folded into a per-call copy of the (small) weight: no pass over the (large) input.
+            y = torch.ops.mkldnn._convolution_transpose_pointwise(
+                x,
+                self.weight_t * s[0].view(-1, 1, 1, 1),
+                None,
+                [0, 0],
+                [0, 0],
+                [2, 2],
+                [1, 1],
+                1,
+                "none",
+                [],
+                "",
+            )
+            out = self._blur(y, d)
+            h = 2 * x.shape[2]
+            return out if out.shape[2] == h else out[:, :, :h, : 2 * x.shape[3]]
         xs = x * _per_channel(s)
         if x.shape[2] >= self.polyphase_min_size and x.dtype == torch.float32:
             y = self._polyphase(xs)  # 2H + 2: the blur below then yields 2H + 1 rows, the last one dropped
@@ -512,21 +593,28 @@ class _FastGenerator:
 
 
 def _var_mean(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(frame, channel) biased variance and mean over H, W of a channels-last y, as E[y^2] - E[y]^2: two
-    reductions vectorised along the contiguous channels (torch.linalg.vector_norm over H, W of channels-last
-    memory is ~8x slower than squaring and summing). The shifted two-pass form is not needed: the relative error
-    is ~1e-7 * E[y^2] / var, and an instance norm's input (a convolution output) is not dominated by its mean;
-    tests compare against F.instance_norm."""
+    """Per-(frame, channel) biased variance and mean over H, W of a channels-last y, as E[y^2] - E[y]^2.
+
+    Reductions that run along the contiguous channels: torch.linalg.vector_norm over H, W of channels-last memory
+    is ~8x slower. For a few channels over many pixels the sums of squares come from the Gram matrix Y^T Y of
+    the (pixels, channels) view (one GEMM, ~2x faster than squaring and summing at 64 channels x 256^2 px). The
+    shifted two-pass form is not needed: the relative error is ~1e-7 * E[y^2] / var, and an instance norm's input
+    (a convolution output) is not dominated by its mean; tests compare against F.instance_norm."""
+    b, c, h, w = y.shape
     mean = y.mean(dim=(2, 3))
-    sq = y.square().mean(dim=(2, 3))
+    if c <= 64 and y.is_contiguous(memory_format=torch.channels_last) and y.device.type == "cpu":
+        rows = y.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        sq = torch.bmm(rows.transpose(1, 2), rows).diagonal(dim1=1, dim2=2) / (h * w)
+    else:
+        sq = y.square().mean(dim=(2, 3))
     return (sq - mean.square()).clamp_(min=0.0), mean
 
 
 class _FastEEMBlock:
     def __init__(self, block, use_winograd: bool, use_mkldnn: bool) -> None:
         w1 = block.conv1.weight.detach() * block.conv1.scale
-        self.conv1 = _Conv(w1, padding=1, use_mkldnn=use_mkldnn)
-        self.bias1 = block.conv1.bias.detach()
+        self.winograd1 = winograd_weight(w1) if use_winograd else None
+        self.conv1 = None if use_winograd else _Conv(w1, padding=1, use_mkldnn=use_mkldnn)
         w2 = block.conv2.weight.detach() * block.conv2.scale
         # conv2's bias is dropped: the instance norm right after it subtracts every per-channel constant.
         self.winograd = winograd_weight(w2) if use_winograd else None
@@ -534,7 +622,12 @@ class _FastEEMBlock:
         self.norm1, self.norm2 = block.norm1, block.norm2
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return _cl(F.instance_norm(self.conv1(_cl(x), self.bias1.to(x.dtype), lrelu=False)))
+        """instance_norm(conv1(f^id)) (conv1's bias dropped: the norm removes it), channels-last."""
+        x = _cl(x)
+        y = winograd_conv3x3(x, self.winograd1) if self.winograd1 is not None else self.conv1(x, None, False)
+        var, mean = _var_mean(y)
+        a = torch.rsqrt(var + 1e-5)  # instance_norm's eps
+        return torch.addcmul(_per_channel(-mean * a), y, _per_channel(a))
 
     @staticmethod
     def _affine(norm, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -576,8 +669,11 @@ class FastRenderer:
         polyphase_min_size: int = 1 << 30,
         batch_max_size: int = 32,
         sparse_warp_min_size: int = 32,
+        retain_memory: bool = True,
     ) -> None:
         self.model = model
+        if retain_memory:
+            retain_freed_memory()
         self.options = {
             "batch_max_size": batch_max_size,
             "sparse_warp_min_size": sparse_warp_min_size,
@@ -634,6 +730,14 @@ class FastRenderer:
             parts = {"key": self.build_id, "dtype": dtype, "feats": feats, "prepared": prepared, "last": None}
             cache["fast_parts"] = parts
         return parts
+
+    def prepare_identity(self, identity) -> None:
+        """Do the identity-only work now (channels-last features, the EEM's identity-only halves) instead of in
+        the first render call; it is cached on the Identity for every later call."""
+        with torch.inference_mode():
+            if self._versions() != self.versions:
+                self._build()
+            self._identity_parts(identity, identity.latent.dtype)
 
     def render(self, identity, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Same contract as EDTalk.render."""

@@ -139,6 +139,18 @@ def test_fast_render_equals_eager_render(model: EDTalk, options: dict) -> None:
             assert ref.abs().max() > 0.5  # a real image, not a degenerate zero
 
 
+def test_fast_render_with_styles_folded_into_weights(model: EDTalk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every one-frame conv and transposed conv on the folded-weight branch (s and d in a per-call weight copy)."""
+    import edtalk.fast as fast
+
+    monkeypatch.setattr(fast, "FOLD_RATIO", 0)
+    ident, weights = _inputs(model, 2)
+    with torch.no_grad():
+        ref = model.render(ident, weights)
+    out = FastRenderer(model, batch_max_size=1).render(ident, weights)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
 def test_fast_render_follows_paint_scales(model: EDTalk) -> None:
     """A generator whose finest ToRGB sees the blended features (generator.paint_scales) renders the same image
     through the fast path."""
