@@ -24,7 +24,7 @@ import ctypes
 import ctypes.util
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -563,6 +563,10 @@ class _FastGenerator:
         _, _, h, w = out.shape
         grid = self._grid(h, w, out) + torch.tanh(logits[:, 0:2]).permute(0, 2, 3, 1)
         mask = torch.sigmoid(logits[:, 2:3])
+        if i == len(self.levels) - 1:
+            return None, logits, self._last_rgb(i, out, mask, grid, s_rgb, feat, rgb)
+        if isinstance(feat, EEMParts):
+            feat = feat.sum()
         if feat.shape[0] != b:
             feat = feat.expand(b, -1, -1, -1)
         if h >= self.sparse_warp_min_size and out.device.type == "cpu":
@@ -575,10 +579,51 @@ class _FastGenerator:
         else:
             # ToRGB is a per-pixel linear map over channels: ToRGB(raw * mask) = mask * ToRGB(raw).
             rgb_new = torch.addcmul(lv["rgb_b"].to(out.dtype), mask, self._conv1x1(raw, lv["rgb_w"], s_rgb))
-            if i < len(self.levels) - 1:
-                out = torch.lerp(out, raw, mask)  # mask * warped + (1 - mask) * gen
+            out = torch.lerp(out, raw, mask)  # mask * warped + (1 - mask) * gen
         rgb = rgb_new if rgb is None else rgb_new + lv["rgb_up"](rgb)
         return out, logits, rgb
+
+    def _last_rgb(self, i: int, out, mask, grid, s_rgb, feat, rgb) -> torch.Tensor:
+        """The finest level's image. Its warped feature feeds only ToRGB, a per-pixel linear map to 3 channels,
+        and the warp is linear per channel: so the feature is projected to RGB first and the 3-channel image is
+        warped, ToRGB(warp(f)) = warp(ToRGB(f)); with the EEM, f = x + a * y + c projects without being summed.
+        That removes the passes over the 256 px maps that warping 64 channels (and summing the EEM) would take."""
+        lv = self.levels[i]
+        b, _, h, w = out.shape
+        dt = out.dtype
+        ws = lv["rgb_w"].view(1, 3, -1).to(dt) * s_rgb.to(dt).view(
+            b, 1, -1
+        )  # (B, 3, C) per-frame ToRGB weight
+        parts = feat if isinstance(feat, EEMParts) else None
+        x = parts.x if parts is not None else feat
+        proj = self._project(x.to(dt), ws)
+        if parts is not None:
+            proj = proj + self._project(parts.y, ws * parts.a.view(b, 1, -1))
+            proj = proj + (ws @ parts.c.view(b, -1, 1)).view(b, 3, 1, 1)
+        if h >= self.sparse_warp_min_size and out.device.type == "cpu":
+            raw_rgb = warp_bilinear(proj, grid)
+        else:
+            raw_rgb = F.grid_sample(proj, grid, align_corners=True)
+        bias = lv["rgb_b"].to(dt)
+        if i >= self.first_paint:
+            # ToRGB(lerp(gen, warped, mask)) = lerp(ToRGB(gen), ToRGB(warped), mask): also per-pixel linear.
+            rgb_new = torch.lerp(self._conv1x1(out, lv["rgb_w"], s_rgb), raw_rgb, mask) + bias
+        else:
+            rgb_new = torch.addcmul(bias, mask, raw_rgb)
+        return rgb_new if rgb is None else rgb_new + lv["rgb_up"](rgb)
+
+    @staticmethod
+    def _project(x: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+        """Per-pixel x (1 or B, C, H, W) @ ws[f]^T (B, 3, C) -> (B, 3, H, W) channels-last, as GEMMs over the
+        (pixels, channels) view: one GEMM for all frames when x is one identity's feature."""
+        b = ws.shape[0]
+        n, c, h, w = x.shape
+        rows = _cl(x).permute(0, 2, 3, 1).reshape(n, h * w, c)
+        if n == 1:
+            out = (rows[0] @ ws.reshape(b * 3, c).t()).view(h * w, b, 3).permute(1, 0, 2)  # (B, HW, 3)
+        else:
+            out = torch.bmm(rows, ws.transpose(1, 2))
+        return out.reshape(b, h, w, 3).permute(0, 3, 1, 2)
 
     def __call__(self, latent: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(feats) != len(self.levels):
@@ -634,7 +679,8 @@ class _FastEEMBlock:
         h = norm.shared(cond)
         return 1.0 + norm.gamma(h), norm.beta(h)
 
-    def __call__(self, x: torch.Tensor, cond: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+    def parts(self, x: torch.Tensor, cond: torch.Tensor, prepared: torch.Tensor) -> EEMParts:
+        """The block's output x + a * y + c, not yet summed (a, c per frame and channel)."""
         g1, b1 = self._affine(self.norm1, cond)
         x, prepared = _cl(x), _cl(prepared)
         h = torch.addcmul(_per_channel(b1).to(x.dtype), prepared, _per_channel(g1).to(x.dtype))
@@ -644,7 +690,23 @@ class _FastEEMBlock:
         g2, b2 = self._affine(self.norm2, cond)
         a = g2.to(y.dtype) * torch.rsqrt(var + 1e-5)  # instance_norm's eps
         c = b2.to(y.dtype) - mean * a
-        return torch.addcmul(x, y, _per_channel(a)).add_(_per_channel(c))
+        return EEMParts(x, y, a, c)
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+        return self.parts(x, cond, prepared).sum()
+
+
+class EEMParts(NamedTuple):
+    """An EEM block's output f^id + a * y + c as its pieces: x (1 or B, C, H, W), y (B, C, H, W), a and c (B, C).
+    The generator's last level only projects it to 3 channels, so it never needs the sum itself."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    a: torch.Tensor
+    c: torch.Tensor
+
+    def sum(self) -> torch.Tensor:
+        return torch.addcmul(self.x, self.y, _per_channel(self.a)).add_(_per_channel(self.c))
 
 
 class FastRenderer:
@@ -765,6 +827,8 @@ class FastRenderer:
                 if constant is not None:
                     return constant[i]
                 p = prepared[i] if prepared[i].shape[0] == 1 else prepared[i][rows]
+                if i == len(feats) - 1:  # the last level projects the pieces to RGB without summing them
+                    return self.eem[i].parts(f, f_e[rows], p)
                 return self.eem[i](f, f_e[rows], p)
 
             gen = self.generator
