@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -29,6 +30,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.nn import functional as F
 
+from edtalk.model import Identity
+from edtalk.navigation import SPACES
 from edtalk.ops import LRELU_GAIN, LRELU_SLOPE
 
 # Winograd F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2, inf (Lavin & Gray, "Fast Algorithms for
@@ -191,31 +194,35 @@ class _Conv:
     """A constant-weight convolution with bias and optional leaky ReLU fused, on a oneDNN weight prepacked per
     input shape (the layout the kernel wants, reordered once instead of every call); plain F.conv2d fallback."""
 
-    def __init__(self, weight: torch.Tensor, padding: int, groups: int = 1, use_mkldnn: bool = True) -> None:
+    def __init__(
+        self, weight: torch.Tensor, padding: int, groups: int = 1, use_mkldnn: bool = True, stride: int = 1
+    ) -> None:
         self.weight = weight.contiguous()
         self.padding = padding
         self.groups = groups
+        self.stride = stride
         self.use_mkldnn = use_mkldnn and self.weight.device.type == "cpu" and _mkldnn_ok()
         self.packed: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, lrelu: bool) -> torch.Tensor:
         # oneDNN may hand back channels-last outputs (its transposed convs do): both layouts run prepacked.
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        p, st = [self.padding] * 2, [self.stride] * 2
         if self.use_mkldnn and x.dtype == torch.float32 and (cl or x.is_contiguous()):
             key = (*x.shape, cl)
             packed = self.packed.get(key)
             if packed is None:
-                p = [self.padding] * 2
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    self.weight.to_mkldnn(), p, [1, 1], [1, 1], self.groups, list(x.shape)
+                    self.weight.to_mkldnn(), p, st, [1, 1], self.groups, list(x.shape)
                 )
                 self.packed[key] = packed
-            p = [self.padding] * 2
             attr, scalars = ("leaky_relu", [LRELU_SLOPE]) if lrelu else ("none", [])
             return torch.ops.mkldnn._convolution_pointwise(
-                x, packed, bias, p, [1, 1], [1, 1], self.groups, attr, scalars, ""
+                x, packed, bias, p, st, [1, 1], self.groups, attr, scalars, ""
             )
-        out = F.conv2d(x, self.weight.to(x.dtype), bias, padding=self.padding, groups=self.groups)
+        out = F.conv2d(
+            x, self.weight.to(x.dtype), bias, stride=self.stride, padding=self.padding, groups=self.groups
+        )
         return F.leaky_relu(out, LRELU_SLOPE) if lrelu else out
 
 
@@ -709,6 +716,67 @@ class EEMParts(NamedTuple):
         return torch.addcmul(self.x, self.y, _per_channel(self.a)).add_(_per_channel(self.c))
 
 
+class _FastEncoder:
+    """Encoder E (edtalk/encoder.py) for inference: channels-last, equalized-lr scales and leaky-ReLU gains folded
+    into the weights, bias + leaky ReLU fused into prepacked oneDNN convs, Winograd for the wide 3x3 convs at
+    16..64 px. Per residual block: the skip's blur runs only where its stride-2 1x1 conv samples (a stride-2
+    depthwise conv, a quarter of the work), and the block's 1/sqrt(2) cancels the conv branch's sqrt(2) gain
+    (leaky ReLU is positively homogeneous) and is folded into the skip's weight."""
+
+    def __init__(self, enc, winograd_min_channels: int, winograd_sizes: tuple[int, int], use_mkldnn: bool):
+        stem_conv, stem_act = enc.stem[0], enc.stem[1]
+        self.stem = _Conv(stem_conv.weight.detach() * stem_conv.scale * LRELU_GAIN, 0, use_mkldnn=use_mkldnn)
+        self.stem_bias = stem_act.bias.detach() * LRELU_GAIN
+        self.blocks = []
+        size = enc.image_size
+        for block in enc.blocks:
+            c1, a1 = block.conv1[0], block.conv1[1]
+            blur, c2, a2 = block.conv2[0], block.conv2[1], block.conv2[2]
+            sblur, sk = block.skip[0], block.skip[1]
+            if blur.pad != (2, 2) or sblur.pad != (1, 1) or tuple(blur.kernel.shape) != (4, 4):
+                raise ValueError("fast encoder: only the 4-tap blur of the default blur kernel is supported")
+            ch = c1.weight.shape[1]
+            w1 = c1.weight.detach() * c1.scale * LRELU_GAIN
+            wino = ch >= winograd_min_channels and winograd_sizes[0] <= size <= winograd_sizes[1]
+            k = torch.flip(blur.kernel, [0, 1]).view(1, 1, 4, 4).expand(ch, 1, 4, 4).contiguous()
+            self.blocks.append(
+                {
+                    "conv1": None if wino else _Conv(w1, 1, use_mkldnn=use_mkldnn),
+                    "wino1": winograd_weight(w1) if wino else None,
+                    "bias1": a1.bias.detach() * LRELU_GAIN,
+                    "blur": _Conv(k, 2, groups=ch, use_mkldnn=use_mkldnn),
+                    "conv2": _Conv(c2.weight.detach() * c2.scale, 0, use_mkldnn=use_mkldnn, stride=2),
+                    "bias2": a2.bias.detach(),
+                    "skip_blur": _Conv(k, 1, groups=ch, use_mkldnn=use_mkldnn, stride=2),
+                    "skip": _Conv(sk.weight.detach() * sk.scale / math.sqrt(2.0), 0, use_mkldnn=use_mkldnn),
+                }
+            )
+            size //= 2
+        tl = enc.to_latent
+        self.to_latent = (
+            (tl.weight.detach() * tl.scale).permute(0, 2, 3, 1).flatten(1).contiguous()
+        )  # (D, 4*4*C)
+
+    def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Same contract as Encoder.forward; the features come back channels-last."""
+        dt = img.dtype
+        h = self.stem(_cl(img), self.stem_bias.to(dt), lrelu=True)
+        feats = [h]
+        for blk in self.blocks:
+            if blk["wino1"] is not None:
+                y = winograd_conv3x3(h, blk["wino1"])
+                y = F.leaky_relu(y.add_(blk["bias1"].to(dt).view(1, -1, 1, 1)), LRELU_SLOPE, inplace=True)
+            else:
+                y = blk["conv1"](h, blk["bias1"].to(dt), lrelu=True)
+            out = blk["conv2"](blk["blur"](y, None, lrelu=False), blk["bias2"].to(dt), lrelu=True)
+            out = out.add_(blk["skip"](blk["skip_blur"](h, None, lrelu=False), None, lrelu=False))
+            h = out
+            feats.append(h)
+        # to_latent: a 4x4 conv over the 4x4 map (no padding) is one GEMM over the flattened map.
+        latent = _cl(h).permute(0, 2, 3, 1).reshape(h.shape[0], -1) @ self.to_latent.to(dt).t()
+        return latent, feats[-2::-1]
+
+
 class FastRenderer:
     """`renderer.render(identity, weights)` == `model.render(identity, weights)` (within float rounding), faster.
 
@@ -747,7 +815,9 @@ class FastRenderer:
         self._build()
 
     def _versions(self) -> tuple[int, ...]:
-        mods = [self.model.generator] + ([self.model.eem] if self.model.eem is not None else [])
+        mods = [self.model.encoder, self.model.generator] + (
+            [self.model.eem] if self.model.eem is not None else []
+        )
         return tuple(p._version for m in mods for p in m.parameters()) + tuple(
             id(p) for m in mods for p in m.parameters()
         )
@@ -762,6 +832,9 @@ class FastRenderer:
                 o["use_mkldnn"],
                 o["polyphase_min_size"],
                 o["sparse_warp_min_size"],
+            )
+            self.encoder = _FastEncoder(
+                self.model.encoder, o["winograd_min_channels"], o["winograd_sizes"], o["use_mkldnn"]
             )
             self.eem = None
             if self.model.eem is not None:
@@ -792,6 +865,27 @@ class FastRenderer:
             parts = {"key": self.build_id, "dtype": dtype, "feats": feats, "prepared": prepared, "last": None}
             cache["fast_parts"] = parts
         return parts
+
+    def encode_identity(self, img: torch.Tensor):
+        """Same contract as EDTalk.encode_identity (the features come back channels-last)."""
+        self.model._check_images(img, "identity image")
+        with torch.inference_mode():
+            if self._versions() != self.versions:
+                self._build()
+            latent, feats = self.encoder(img)
+            return Identity(latent, feats, self.model.navigation.weights(latent, SPACES))
+
+    def extract(self, frames: torch.Tensor, spaces: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Same contract as EDTalk.extract: driving frames (B,3,S,S) -> {space: W^s}."""
+        spaces = SPACES if spaces is None else tuple(spaces)
+        self.model._check_images(frames, "driving frames")
+        for s in spaces:
+            self.model.navigation.space(s)  # raises a clear KeyError on an unknown space
+        with torch.inference_mode():
+            if self._versions() != self.versions:
+                self._build()
+            latent, _ = self.encoder(frames)
+            return self.model.navigation.weights(latent, spaces)
 
     def prepare_identity(self, identity) -> None:
         """Do the identity-only work now (channels-last features, the EEM's identity-only halves) instead of in

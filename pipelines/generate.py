@@ -431,8 +431,20 @@ class Drivers:
     """Per chunk of output frames: the weights of every space that is not kept from the identity, plus the
     cropped driving frames for the preview."""
 
-    def __init__(self, model, plan: Plan, req: Request, params: GenerateParams, cropper, size: int, device):
+    def __init__(
+        self,
+        model,
+        plan: Plan,
+        req: Request,
+        params: GenerateParams,
+        cropper,
+        size: int,
+        device,
+        extract=None,
+    ):
         self.model, self.plan, self.params, self.device, self.size = model, plan, params, device, size
+        # E + navigation on driving frames: EDTalk.extract, or the FastRenderer's (same weights, faster on CPU)
+        self.extract = extract or model.extract
         self.seed = params.seed if req.seed is None else req.seed
         self.temperature = params.temperature if req.temperature is None else req.temperature
         self.clips: dict[str, DrivingClip] = {}
@@ -456,7 +468,7 @@ class Drivers:
                     )
                     self.image_panels[arg] = crop
                 with torch.no_grad():
-                    w = model.extract(to_tensor(self.image_panels[arg][None], device), spaces=(space,))
+                    w = self.extract(to_tensor(self.image_panels[arg][None], device), spaces=(space,))
                 self.fixed[space] = w[space]
             elif kind == "emotion":
                 means = model_emotions(model)
@@ -574,9 +586,7 @@ class Drivers:
             frames = clip.frames(start, stop)
             self.decode_time += time.perf_counter() - t0
             panels.append(frames)
-            weights.update(
-                self.model.extract(to_tensor(frames, self.device), spaces=tuple(self.clip_spaces[path]))
-            )
+            weights.update(self.extract(to_tensor(frames, self.device), spaces=tuple(self.clip_spaces[path])))
         for space, w in self.fixed.items():
             weights[space] = w.expand(n, -1)
         audio_spaces = [
@@ -623,9 +633,12 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
         "generating %d frames (%.2f s): %s", plan.num_frames, plan.num_frames / video_io.FPS, plan.describe()
     )
     timers = {"load": 0.0, "decode": 0.0, "drive": 0.0, "render": 0.0, "encode_mux": 0.0}
+    # The fast path computes the same frames as model.render (within float rounding, bench/model.py), and the
+    # same identity and driving weights as model.encode_identity / model.extract.
+    renderer = model.fast_renderer() if params.fast_render and device.type == "cpu" else model
     with torch.no_grad():
-        drivers = Drivers(model, plan, req, params, cropper, size, device)
-        ident = model.encode_identity(to_tensor(identity_crop[None], device))
+        drivers = Drivers(model, plan, req, params, cropper, size, device, extract=renderer.extract)
+        ident = renderer.encode_identity(to_tensor(identity_crop[None], device))
     timers["load"] = time.perf_counter() - t_start
     preview = params.preview if req.preview is None else req.preview
     out = Path(req.output)
@@ -637,8 +650,6 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     previewer = None
     digest = hashlib.sha256()  # of the rendered frames before encoding: identical generations, identical hash
     try:
-        # The fast path computes the same frames as model.render (within float rounding, bench/model.py).
-        renderer = model.fast_renderer() if params.fast_render and device.type == "cpu" else model
         # auto: whole chunks on GPU and through the fast path (it batches the coarse levels and runs the fine
         # ones frame by frame itself); one frame per call for the eager model on CPU (faster there).
         batched = device.type != "cpu" or renderer is not model

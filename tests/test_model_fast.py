@@ -151,6 +151,40 @@ def test_fast_render_with_styles_folded_into_weights(model: EDTalk, monkeypatch:
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "options", [{}, ALL_WINOGRAD, {"use_mkldnn": False}], ids=["default", "winograd", "plain"]
+)
+def test_fast_encoder_equals_encoder(model: EDTalk, options: dict) -> None:
+    """FastRenderer.encode_identity / extract == EDTalk's (latent, features, weights), with non-zero biases."""
+    torch.manual_seed(2)
+    enc_model = EDTalk(model.config).eval()
+    enc_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in enc_model.encoder.parameters():
+            if p.ndim == 1:
+                p.normal_(0.0, 0.3)
+    renderer = FastRenderer(enc_model, **options)
+    imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        ref = enc_model.encode_identity(imgs)
+        ref_w = enc_model.extract(imgs, ("mouth", "pose"))
+    fast = renderer.encode_identity(imgs)
+    torch.testing.assert_close(fast.latent, ref.latent, atol=1e-4, rtol=0)
+    assert len(fast.features) == len(ref.features)
+    for a, b in zip(fast.features, ref.features, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    for space in ref.weights:
+        torch.testing.assert_close(fast.weights[space], ref.weights[space], atol=1e-4, rtol=0)
+    fast_w = renderer.extract(imgs, ("mouth", "pose"))
+    assert set(fast_w) == {"mouth", "pose"}
+    for space, w in ref_w.items():
+        torch.testing.assert_close(fast_w[space], w, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="driving frames"):
+        renderer.extract(imgs[:, :, :32])
+    with pytest.raises(KeyError):
+        renderer.extract(imgs, ("nose",))
+
+
 def test_fast_render_follows_paint_scales(model: EDTalk) -> None:
     """A generator whose finest ToRGB sees the blended features (generator.paint_scales) renders the same image
     through the fast path."""
@@ -208,3 +242,11 @@ def test_fast_renderer_rebuilds_after_weight_change() -> None:
     after = renderer.render(ident, weights)
     assert (after - before).abs().max() > 1e-3  # the snapshot was not reused
     torch.testing.assert_close(after, ref, atol=1e-4, rtol=0)
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    latent_before = renderer.encode_identity(img).latent
+    with torch.no_grad():
+        model.encoder.blocks[0].conv1[0].weight.mul_(1.3)
+        latent_ref = model.encode_identity(img).latent
+    latent_after = renderer.encode_identity(img).latent
+    assert (latent_after - latent_before).abs().max() > 1e-4  # the encoder snapshot was rebuilt too
+    torch.testing.assert_close(latent_after, latent_ref, atol=1e-4, rtol=0)
