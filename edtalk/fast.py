@@ -1,21 +1,31 @@
-"""Inference-only fast rendering path (CPU first): the same function as `EDTalk.render`, computed with fewer passes.
+"""Inference-only fast path (CPU first): the same functions as `EDTalk.render`, `encode_identity` and `extract`,
+computed with fewer passes.
 
-`FastRenderer(model)` (or `model.fast_renderer()`) snapshots the generator and EEM weights into inference form:
+`FastRenderer(model)` (or `model.fast_renderer()`) snapshots the encoder, generator and EEM weights into inference
+form:
+- channels-last (NHWC) memory for every activation and the cached identity features: oneDNN's native layout;
 - equalized-lr scales folded into the stored weights; the sqrt(2) leaky-ReLU gain folded into each layer's
   weight and bias (leaky ReLU is positively homogeneous); the demodulation norms sum(w^2) precomputed;
   all modulation linears of G evaluated as one GEMM per call;
-- modulated 3x3 convolutions as x * s -> conv (bias b/d, leaky ReLU fused as a oneDNN post-op on a weight
-  prepacked once) -> * d. This equals lrelu(conv(x * s) * d + b) because d > 0;
+- modulated 3x3 convolutions on weights prepacked once for oneDNN, bias and leaky ReLU fused as post-ops
+  (lrelu(conv(x * s) * d + b) = d * lrelu(conv(x * s) + b / d) since d > 0); for one frame with a small weight
+  and a large input, s and d go into a per-call copy of the weight instead of two passes over the input;
 - the 3x3 convolutions with many channels at 16..64 px as Winograd F(4x4, 3x3) (Lavin & Gray 2015): 36 batched
   GEMMs instead of 9 taps per output, 4x fewer multiplies, the transforms themselves as GEMMs;
-- the transposed-conv upsampling's FIR blur with the demodulation folded into its (per-channel) kernel, bias and
-  leaky ReLU fused; no zero-insertion or pad copies (padding is the convolution's own);
+- the transposed-conv upsampling on a prepacked oneDNN weight, its FIR blur with the demodulation folded into the
+  (per-channel) kernel, bias and leaky ReLU fused;
+- the warp (bilinear grid_sample) as a sparse CSR x dense product over channels-last features; at the finest
+  level the feature is projected to RGB before it is warped (both maps are linear), so no 64-channel 256 px map is
+  warped at all;
 - the flow head's blend as one lerp, and the mask applied after the (linear, per-pixel) ToRGB instead of before;
-- the EEM's conv2 bias dropped (the instance norm that follows removes it) and instance norm + AdaIN + residual
-  as one per-channel affine.
+- the EEM's conv2 bias dropped (the instance norm that follows removes it), instance norm + AdaIN + residual as
+  one per-channel affine, its identity-only half once per identity;
+- the coarse levels of all frames of a call as one batch, the fine ones frame by frame (cache-sized);
+- glibc malloc told to keep freed memory (`retain_freed_memory`), so the per-frame activations are not
+  page-faulted in afresh every frame.
 
 The training forward (edtalk/ops.py ...) is untouched; this path is for `torch.inference_mode` / `no_grad` only
-and rebuilds itself when the model's weights change. tests/test_model_fast.py checks it against `EDTalk.render`.
+and rebuilds itself when the model's weights change. tests/test_model_fast.py checks it against the eager model.
 """
 
 from __future__ import annotations
@@ -778,15 +788,18 @@ class _FastEncoder:
 
 
 class FastRenderer:
-    """`renderer.render(identity, weights)` == `model.render(identity, weights)` (within float rounding), faster.
+    """`renderer.render(identity, weights)` == `model.render(identity, weights)` (within float rounding), faster;
+    likewise `encode_identity(img)` and `extract(frames, spaces)`.
 
-    Inference only: runs under torch.inference_mode. The weights are snapshotted at construction; a render call
-    after the model's generator/EEM parameters changed rebuilds the snapshot first.
+    Inference only: runs under torch.inference_mode. The weights are snapshotted at construction; a call after the
+    model's encoder/generator/EEM parameters changed rebuilds the snapshot first.
     winograd_min_channels / winograd_sizes: which 3x3 convs take the Winograd path (input channels >= the first,
     resolution within the range); the defaults are where it beats oneDNN's direct conv on this kind of CPU
     (bench/model.py); `winograd=False` turns it off. polyphase_min_size: upsampling convs with an input at least
-    this large run as one stride-1 conv of the four phase kernels (off by default: faster alone in a
-    microbenchmark at 64/128 px, 12 against 22 ms, but slower in the full render, 316 against 280 ms per frame).
+    this large run as one stride-1 conv of the four phase kernels (off by default: slower in the full render).
+    batch_max_size: levels up to this resolution run all frames of a call as one batch, finer ones frame by frame
+    (on CPU). sparse_warp_min_size: from this resolution the warp is a sparse product instead of grid_sample (CPU).
+    retain_memory: call `retain_freed_memory()` (process-wide; see there).
     """
 
     def __init__(
