@@ -80,7 +80,8 @@ full_only = pytest.mark.skipif(not FULL, reason="needs the full budget: EDTALK_L
 # latent 0.4-0.6; pasting another mouth moves E's latent by ~3% of a frame-to-frame change), so the frozen G gives
 # MLN nothing to separate: PLN takes all motion (pose swap: 0.02-0.04 of its change inside the mouth, fine), MLN's
 # output stays nearly constant (mouth swap: 0.04-0.07 inside, floor 0.6), also with the mouth-region terms
-# (autoencoder.w_mouth, mouth_pose.w_region) and generator.paint_scales tried; audio_lip regresses those targets.
+# (autoencoder.w_mouth, mouth_pose.w_region), generator.paint_scales and mouth-directed autoencoder pairs
+# (autoencoder.mouth_contrast, mouth_swap) tried; audio_lip regresses those targets.
 # Through run_stage at these settings: mouth swap 0.069 inside (pose swap 0.039), audio_lip R² 0.00 across the
 # training speakers vs 0.56 for the untrained module (held-out speaker: 0.61 vs 0.68).
 KNOWN_FAILURE = (

@@ -94,6 +94,62 @@ def test_frame_pairs_mouth_mask_covers_the_driving_mouth():
         assert mask[20, 16 + j] > 128 and mask[4, 4] == 0 and mask[20, 2] == 0  # feathered edge
 
 
+def test_frame_pairs_mouth_contrast_pairs_closed_with_open_mouths():
+    t = 9
+    lm = np.zeros((t, 68, 2), np.float32)
+    opening = np.array([5, 0, 8, 1, 7, 2, 6, 3, 4], np.float32)  # frame k's inner-lip gap (62 -> 66)
+    lm[:, 66, 1] = opening
+    row = {**_segment("seg-c", t=t), "landmarks": lm.tobytes()}
+    assert (data.mouth_opening(lm) == opening).all()
+
+    def frame(img: np.ndarray) -> int:
+        return int(round(img[0, 0, 0] / 20))  # frame k is filled with 20 * k
+
+    pairs = data.frame_pairs(12, seed=3, mouth_contrast=1.0)(row)
+    closed, opened = {1, 3, 5}, {2, 4, 6}  # the 3 smallest / largest gaps
+    assert len(pairs) == 12
+    for p in pairs:
+        ij = {frame(p["source"]), frame(p["driving"])}
+        assert ij & closed and ij & opened, ij
+    assert {frame(p["source"]) for p in pairs} & closed and {frame(p["source"]) for p in pairs} & opened
+    # off: the uniform pairs, unchanged; half: the first 6 of 12 contrasted, the rest uniform
+    plain = data.frame_pairs(12, seed=3)(row)
+    off = data.frame_pairs(12, seed=3, mouth_contrast=0.0)(row)
+    assert all((a["driving"] == b["driving"]).all() for a, b in zip(plain, off, strict=True))
+    half = data.frame_pairs(12, seed=3, mouth_contrast=0.5)(row)
+    for p in half[:6]:
+        ij = {frame(p["source"]), frame(p["driving"])}
+        assert ij & closed and ij & opened, ij
+    with pytest.raises(ValueError, match="mouth_contrast"):
+        data.frame_pairs(4, seed=0, mouth_contrast=1.5)
+
+
+def test_frame_pairs_mouth_swap_changes_only_the_mouth():
+    t, size = 6, 32
+    rng = np.random.default_rng(0)
+    lm = np.zeros((t, 68, 2), np.float32)
+    ang = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+    for k in range(t):  # eyes at (10, 10) and (22, 10), a mouth ring around (16, 22) opening with k
+        lm[k, 36:42] = [10, 10]
+        lm[k, 42:48] = [22, 10]
+        lm[k, 48:68] = np.stack([16 + 4 * np.cos(ang), 22 + (1 + k) * 0.5 * np.sin(ang)], 1)
+    frames = [encode_jpeg(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(t)]
+    row = {"segment_id": "seg-s", "num_frames": t, "frames": frames, "landmarks": lm.tobytes()}
+    plain = data.frame_pairs(4, seed=2, mouth_mask=True)(row)
+    swapped = data.frame_pairs(4, seed=2, mouth_mask=True, mouth_swap=0.5)(row)
+    for p, q in zip(plain[:2], swapped[:2], strict=True):  # the first half: unchanged pairs
+        assert (p["driving"] == q["driving"]).all() and (p["mouth_mask"] == q["mouth_mask"]).all()
+    for p, q in zip(plain[2:], swapped[2:], strict=True):  # the last half: the source with a pasted mouth
+        assert (p["source"] == q["source"]).all()
+        mask = q["mouth_mask"]
+        assert mask[22, 16] > 128 and mask[2, 2] == 0
+        out = mask == 0
+        assert (q["driving"][out] == q["source"][out]).all()  # outside the mouth: the source itself
+        assert np.abs(q["driving"][~out].astype(int) - q["source"][~out]).mean() > 10  # inside: another mouth
+    with pytest.raises(ValueError, match="mouth_swap"):
+        data.frame_pairs(4, seed=0, mouth_swap=-0.1)
+
+
 def test_region_l1_loss_is_the_mean_error_inside_the_mask():
     from edtalk.losses import region_l1_loss
 

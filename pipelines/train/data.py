@@ -209,9 +209,30 @@ def _guarded(name: str, key: str, build) -> list[dict]:
         return []
 
 
-def frame_pairs(per_segment: int, seed: int, mouth_mask: bool = False) -> RowFn:
+def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
+    """(T,68,2) landmarks -> (T,) mouth opening: the distance between the inner-lip midpoints 62 and 66."""
+    return np.linalg.norm(landmarks[:, 62] - landmarks[:, 66], axis=-1)
+
+
+def frame_pairs(
+    per_segment: int,
+    seed: int,
+    mouth_mask: bool = False,
+    mouth_contrast: float = 0.0,
+    mouth_swap: float = 0.0,
+) -> RowFn:
     """Segments -> (source, driving) frame pairs of one segment (autoencoder): `per_segment` pairs each. With
-    `mouth_mask`, also the driving frame's feathered mouth-region mask (uint8 (S,S), from its landmarks)."""
+    `mouth_mask`, also the driving frame's feathered mouth-region mask (uint8 (S,S), from its landmarks). With
+    `mouth_contrast` > 0, that share of the pairs (the first ones, rounded) takes one frame from the segment's most
+    closed third and the other from its most open third (by `mouth_opening`, in random order); the rest are drawn
+    uniformly. With `mouth_swap` > 0, that share (the last ones) drives with the source frame itself, the other
+    frame's mouth pasted in (aligned, feathered: preprocessing.swaps.paste), so only the mouth differs; their
+    mouth mask is the pasted region's."""
+    for name, share in (("mouth_contrast", mouth_contrast), ("mouth_swap", mouth_swap)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"frame_pairs: {name} must be in [0, 1], got {share}")
+    n_contrast = int(round(mouth_contrast * per_segment))
+    first_swap = per_segment - int(round(mouth_swap * per_segment))
 
     def build(row: dict) -> list[dict]:
         def gen() -> Iterator[dict]:
@@ -219,18 +240,41 @@ def frame_pairs(per_segment: int, seed: int, mouth_mask: bool = False) -> RowFn:
             if t < 2:
                 return
             rng = rng_for(seed, row["segment_id"])
-            landmarks = f32_array(row["landmarks"], (t, 68, 2)) if mouth_mask else None
-            for _ in range(per_segment):
-                i, j = rng.choice(t, size=2, replace=False)
+            need = mouth_mask or n_contrast > 0 or first_swap < per_segment
+            landmarks = f32_array(row["landmarks"], (t, 68, 2)) if need else None
+            closed = opened = None
+            if n_contrast and t >= 3:
+                order = np.argsort(mouth_opening(landmarks), kind="stable")
+                third = max(1, t // 3)
+                closed, opened = order[:third], order[-third:]
+            for k in range(per_segment):
+                if closed is not None and k < n_contrast:
+                    a, b = rng.choice(closed), rng.choice(opened)
+                    i, j = (a, b) if rng.random() < 0.5 else (b, a)
+                else:
+                    i, j = rng.choice(t, size=2, replace=False)
                 src, drv = _frames(row, (i, j))
+                mask = None
+                if k >= first_swap:
+                    drv, mask = _paste_mouth(drv, landmarks[j], src, landmarks[i])
                 sample = {"source": src, "driving": drv}
-                if landmarks is not None:
-                    sample["mouth_mask"] = _region_mask(landmarks[j], "mouth", drv.shape[0])
+                if mouth_mask:
+                    sample["mouth_mask"] = (
+                        mask if mask is not None else _region_mask(landmarks[j], "mouth", drv.shape[0])
+                    )
                 yield sample
 
         return _guarded("frame_pairs", row["segment_id"], gen)
 
     return build
+
+
+def _paste_mouth(img_a: np.ndarray, lm_a: np.ndarray, img_b: np.ndarray, lm_b: np.ndarray):
+    """b with a's mouth pasted (aligned, with preprocessing's default feather): (image, mask) uint8."""
+    from preprocessing.params import PreprocessParams
+    from preprocessing.swaps import paste
+
+    return paste(img_a, lm_a, img_b, lm_b, "mouth", PreprocessParams.mask_feather)
 
 
 def _region_mask(landmarks: np.ndarray, kind: str, size: int) -> np.ndarray:

@@ -26,6 +26,12 @@ class AutoencoderParams:
     w_per: float = 1.0  # weight of the VGG19 perceptual loss (Eq. 5)
     w_adv: float = 1.0  # weight of the generator's adversarial loss (Eq. 6)
     w_mouth: float = 0.0  # L1 inside the driving frame's mouth region (ours; 0 = paper)
+    mouth_contrast: float = (
+        0.0  # share of pairs from the most closed vs most open third of mouths (ours; 0 = paper)
+    )
+    mouth_swap: float = (
+        0.0  # share of pairs driven by the source with the other frame's mouth pasted (ours; 0 = paper)
+    )
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
@@ -35,6 +41,8 @@ class AutoencoderParams:
             raise ValueError("autoencoder params: steps and pairs_per_segment must be >= 1, lr and d_lr > 0")
         if min(self.w_rec, self.w_per, self.w_adv, self.w_mouth) < 0:
             raise ValueError("autoencoder params: loss weights must be >= 0")
+        if not (0.0 <= self.mouth_contrast <= 1.0 and 0.0 <= self.mouth_swap <= 1.0):
+            raise ValueError("autoencoder params: mouth_contrast and mouth_swap must be in [0, 1]")
 
 
 def perceptual(p) -> torch.nn.Module:
@@ -45,7 +53,13 @@ def perceptual(p) -> torch.nn.Module:
 
 
 def samples(p: AutoencoderParams, seed: int) -> data.RowFn:
-    return data.frame_pairs(p.pairs_per_segment, seed, mouth_mask=p.w_mouth > 0)
+    return data.frame_pairs(
+        p.pairs_per_segment,
+        seed,
+        mouth_mask=p.w_mouth > 0,
+        mouth_contrast=p.mouth_contrast,
+        mouth_swap=p.mouth_swap,
+    )
 
 
 def build(model_section: dict, p: AutoencoderParams, upstream: dict[str, str]) -> Nets:
