@@ -26,12 +26,8 @@ class AutoencoderParams:
     w_per: float = 1.0  # weight of the VGG19 perceptual loss (Eq. 5)
     w_adv: float = 1.0  # weight of the generator's adversarial loss (Eq. 6)
     w_mouth: float = 0.0  # L1 inside the driving frame's mouth region (ours; 0 = paper)
-    mouth_contrast: float = (
-        0.0  # share of pairs from the most closed vs most open third of mouths (ours; 0 = paper)
-    )
-    mouth_swap: float = (
-        0.0  # share of pairs driven by the source with the other frame's mouth pasted (ours; 0 = paper)
-    )
+    mouth_contrast: float = 0.0  # share of pairs: most closed vs most open third of mouths (ours; 0 = paper)
+    mouth_swap: float = 0.0  # share of pairs: the source with the other's mouth pasted (ours; 0 = paper)
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
