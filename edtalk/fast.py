@@ -969,4 +969,12 @@ def prepared_conv_available() -> bool:
     return _mkldnn_ok()
 
 
-__all__ = ["FastRenderer", "prepared_conv_available", "winograd_conv3x3", "winograd_weight"]
+__all__ = [
+    "EEMParts",
+    "FastRenderer",
+    "prepared_conv_available",
+    "retain_freed_memory",
+    "warp_bilinear",
+    "winograd_conv3x3",
+    "winograd_weight",
+]
