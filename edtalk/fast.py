@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,6 @@ from typing import Any, NamedTuple
 import torch
 from torch.nn import functional as F
 
-from edtalk.model import Identity
 from edtalk.navigation import SPACES
 from edtalk.ops import LRELU_GAIN, LRELU_SLOPE
 
@@ -226,63 +226,80 @@ class _Conv:
                     self.weight.to_mkldnn(), p, st, [1, 1], self.groups, list(x.shape)
                 )
                 self.packed[key] = packed
-            attr, scalars = ("leaky_relu", [LRELU_SLOPE]) if lrelu else ("none", [])
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, packed, bias, p, st, [1, 1], self.groups, attr, scalars, ""
-            )
+            return _onednn_conv(x, packed, bias, self.padding, self.stride, self.groups, lrelu)
         out = F.conv2d(
             x, self.weight.to(x.dtype), bias, stride=self.stride, padding=self.padding, groups=self.groups
         )
         return F.leaky_relu(out, LRELU_SLOPE) if lrelu else out
 
 
-_MKLDNN_OK: bool | None = None
+def _onednn_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    stride: int = 1,
+    groups: int = 1,
+    lrelu: bool = False,
+) -> torch.Tensor:
+    """oneDNN convolution (torch's private op) on a plain or prepacked weight, bias and leaky ReLU fused."""
+    attr, scalars = ("leaky_relu", [LRELU_SLOPE]) if lrelu else ("none", [])
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], groups, attr, scalars, ""
+    )
 
 
+def _onednn_deconv2(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN transposed convolution, stride 2, no padding (the upsampling convs), on a plain or prepacked weight
+    (I, O, k, k)."""
+    return torch.ops.mkldnn._convolution_transpose_pointwise(
+        x, weight, None, [0, 0], [0, 0], [2, 2], [1, 1], 1, "none", [], ""
+    )
+
+
+def _agrees(run) -> bool:
+    """Whether `run()` (a private-op result and its reference) works on this torch build and agrees."""
+    try:
+        y, ref = run()
+        return bool(torch.allclose(y, ref, atol=1e-5))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _check_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 4, 5, 5, generator=g), torch.randn(4, 4, 3, 3, generator=g)
+
+
+@functools.cache
 def _mkldnn_ok() -> bool:
     """Whether the oneDNN prepacked-conv ops of this torch build run and agree with F.conv2d."""
-    global _MKLDNN_OK
-    if _MKLDNN_OK is None:
-        try:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(1, 4, 5, 5, generator=g)
-            w = torch.randn(3, 4, 3, 3, generator=g)
-            b = torch.randn(3, generator=g)
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape)
-            )
-            y = torch.ops.mkldnn._convolution_pointwise(
-                x, packed, b, [1, 1], [1, 1], [1, 1], 1, "leaky_relu", [LRELU_SLOPE], ""
-            )
-            ref = F.leaky_relu(F.conv2d(x, w, b, padding=1), LRELU_SLOPE)
-            _MKLDNN_OK = bool(torch.allclose(y, ref, atol=1e-5))
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _MKLDNN_OK = False
-    return _MKLDNN_OK
+
+    def run():
+        x, w = _check_inputs()
+        b = torch.arange(4.0)
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape)
+        )
+        ref = F.leaky_relu(F.conv2d(x, w, b, padding=1), LRELU_SLOPE)
+        return _onednn_conv(x, packed, b, 1, lrelu=True), ref
+
+    return _agrees(run)
 
 
-_MKLDNN_DECONV_OK: bool | None = None
-
-
+@functools.cache
 def _mkldnn_deconv_ok() -> bool:
     """Whether the oneDNN prepacked transposed-conv ops of this torch build run and agree with
     F.conv_transpose2d (stride 2, the only use here)."""
-    global _MKLDNN_DECONV_OK
-    if _MKLDNN_DECONV_OK is None:
-        try:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(1, 4, 5, 5, generator=g)
-            w = torch.randn(4, 3, 3, 3, generator=g)
-            packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
-                w, [0, 0], [0, 0], [2, 2], [1, 1], 1, list(x.shape)
-            )
-            y = torch.ops.mkldnn._convolution_transpose_pointwise(
-                x, packed, None, [0, 0], [0, 0], [2, 2], [1, 1], 1, "none", [], ""
-            )
-            _MKLDNN_DECONV_OK = bool(torch.allclose(y, F.conv_transpose2d(x, w, stride=2), atol=1e-5))
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _MKLDNN_DECONV_OK = False
-    return _MKLDNN_DECONV_OK
+
+    def run():
+        x, w = _check_inputs()
+        packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+            w, [0, 0], [0, 0], [2, 2], [1, 1], 1, list(x.shape)
+        )
+        return _onednn_deconv2(x, packed), F.conv_transpose2d(x, w, stride=2)
+
+    return _agrees(run)
 
 
 # Fold the styles into a per-call weight copy when the weight has at most 1/FOLD_RATIO the elements of one frame.
@@ -329,9 +346,7 @@ class _ModConv3x3:
             # One frame with a small weight and a large input: s (input channels) and d (output channels) go
             # into a per-call copy of the weight instead of two passes over the activations.
             w = self.conv.weight * (s[0].view(1, -1, 1, 1) * d[0].view(-1, 1, 1, 1))
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, w, self.bias, [1, 1], [1, 1], [1, 1], 1, "leaky_relu", [LRELU_SLOPE], ""
-            )
+            return _onednn_conv(x, w, self.bias, 1, lrelu=True)
         xs = x * _per_channel(s)
         if d.shape[0] == 1:
             # lrelu(y * d + b) = d * lrelu(y + b / d) for d > 0: bias and activation fused into the conv.
@@ -393,48 +408,36 @@ class _ModUpConv:
         )
 
     def __call__(self, x: torch.Tensor, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        onednn = (
+            self.use_mkldnn and x.dtype == torch.float32 and x.device.type == "cpu" and _mkldnn_deconv_ok()
+        )
         if (
-            s.shape[0] == 1
+            onednn
+            and s.shape[0] == 1
             and x.shape[2] < self.polyphase_min_size
-            and self.use_mkldnn
-            and _mkldnn_deconv_ok()
             and _fold_styles_shape(self.weight_t, x)
         ):
             # s folded into a per-call copy of the (small) weight: no pass over the (large) input.
-            y = torch.ops.mkldnn._convolution_transpose_pointwise(
-                x,
-                self.weight_t * s[0].view(-1, 1, 1, 1),
-                None,
-                [0, 0],
-                [0, 0],
-                [2, 2],
-                [1, 1],
-                1,
-                "none",
-                [],
-                "",
-            )
-            out = self._blur(y, d)
-            h = 2 * x.shape[2]
-            return out if out.shape[2] == h else out[:, :, :h, : 2 * x.shape[3]]
-        xs = x * _per_channel(s)
-        if x.shape[2] >= self.polyphase_min_size and x.dtype == torch.float32:
-            y = self._polyphase(xs)  # 2H + 2: the blur below then yields 2H + 1 rows, the last one dropped
-        elif self.use_mkldnn and x.dtype == torch.float32 and x.device.type == "cpu" and _mkldnn_deconv_ok():
-            # oneDNN's transposed conv on a weight reordered once per input shape (F.conv_transpose2d reorders
-            # the whole weight on every call: 2x slower at 4..16 px, where the weight is most of the work).
-            key = (*xs.shape, xs.is_contiguous())
-            packed = self.packed.get(key)
-            if packed is None:
-                packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
-                    self.weight_t, [0, 0], [0, 0], [2, 2], [1, 1], 1, list(xs.shape)
-                )
-                self.packed[key] = packed
-            y = torch.ops.mkldnn._convolution_transpose_pointwise(
-                xs, packed, None, [0, 0], [0, 0], [2, 2], [1, 1], 1, "none", [], ""
-            )
+            y = _onednn_deconv2(x, self.weight_t * s[0].view(-1, 1, 1, 1))
         else:
-            y = F.conv_transpose2d(xs, self.weight_t.to(x.dtype), stride=2)
+            xs = x * _per_channel(s)
+            if x.shape[2] >= self.polyphase_min_size and x.dtype == torch.float32:
+                y = self._polyphase(
+                    xs
+                )  # 2H + 2: the blur below then yields 2H + 1 rows, the last one dropped
+            elif onednn:
+                # oneDNN's transposed conv on a weight reordered once per input shape (F.conv_transpose2d
+                # reorders the whole weight on every call: 2x slower at 4..16 px, where the weight dominates).
+                key = (*xs.shape, xs.is_contiguous())
+                packed = self.packed.get(key)
+                if packed is None:
+                    packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                        self.weight_t, [0, 0], [0, 0], [2, 2], [1, 1], 1, list(xs.shape)
+                    )
+                    self.packed[key] = packed
+                y = _onednn_deconv2(xs, packed)
+            else:
+                y = F.conv_transpose2d(xs, self.weight_t.to(x.dtype), stride=2)
         out = self._blur(y, d)
         h = 2 * x.shape[2]
         return out if out.shape[2] == h else out[:, :, :h, : 2 * x.shape[3]]
@@ -445,10 +448,7 @@ class _ModUpConv:
             kernel = (self.kernel * d[0].view(-1, 1, 1, 1)).to(y.dtype)
             bias = self.bias.to(y.dtype)
             if _mkldnn_ok() and y.dtype == torch.float32 and y.device.type == "cpu":
-                p = [self.pad] * 2
-                return torch.ops.mkldnn._convolution_pointwise(
-                    y, kernel, bias, p, [1, 1], [1, 1], self.out_ch, "leaky_relu", [LRELU_SLOPE], ""
-                )
+                return _onednn_conv(y, kernel, bias, self.pad, groups=self.out_ch, lrelu=True)
             out = F.conv2d(y, kernel, bias, padding=self.pad, groups=self.out_ch)
             return F.leaky_relu(out, LRELU_SLOPE, inplace=True)
         kernel = self.kernel.expand(self.out_ch, 1, -1, -1).to(y.dtype)
@@ -827,6 +827,11 @@ class FastRenderer:
         }
         self._build()
 
+    def _current(self) -> None:
+        """Rebuild the snapshot if the model's weights changed since it was taken."""
+        if self._versions() != self.versions:
+            self._build()
+
     def _versions(self) -> tuple[int, ...]:
         mods = [self.model.encoder, self.model.generator] + (
             [self.model.eem] if self.model.eem is not None else []
@@ -883,20 +888,15 @@ class FastRenderer:
         """Same contract as EDTalk.encode_identity (the features come back channels-last)."""
         self.model._check_images(img, "identity image")
         with torch.inference_mode():
-            if self._versions() != self.versions:
-                self._build()
-            latent, feats = self.encoder(img)
-            return Identity(latent, feats, self.model.navigation.weights(latent, SPACES))
+            self._current()
+            return self.model.identity_from(*self.encoder(img))
 
     def extract(self, frames: torch.Tensor, spaces: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Same contract as EDTalk.extract: driving frames (B,3,S,S) -> {space: W^s}."""
         spaces = SPACES if spaces is None else tuple(spaces)
-        self.model._check_images(frames, "driving frames")
-        for s in spaces:
-            self.model.navigation.space(s)  # raises a clear KeyError on an unknown space
+        self.model.check_extract(frames, spaces)
         with torch.inference_mode():
-            if self._versions() != self.versions:
-                self._build()
+            self._current()
             latent, _ = self.encoder(frames)
             return self.model.navigation.weights(latent, spaces)
 
@@ -904,15 +904,13 @@ class FastRenderer:
         """Do the identity-only work now (channels-last features, the EEM's identity-only halves) instead of in
         the first render call; it is cached on the Identity for every later call."""
         with torch.inference_mode():
-            if self._versions() != self.versions:
-                self._build()
+            self._current()
             self._identity_parts(identity, identity.latent.dtype)
 
     def render(self, identity, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Same contract as EDTalk.render."""
         with torch.inference_mode():
-            if self._versions() != self.versions:
-                self._build()
+            self._current()
             latent, motion = self.model.driving_latent(identity, weights)
             n = latent.shape[0]
             parts = self._identity_parts(identity, latent.dtype)

@@ -123,16 +123,23 @@ class EDTalk(nn.Module):
     def encode_identity(self, img: torch.Tensor) -> Identity:
         """Identity image (B,3,S,S) -> Identity (latent f^{i->r}, skip features f^id, its own weights)."""
         self._check_images(img, "identity image")
-        latent, feats = self.encoder(img)
-        return Identity(latent, feats, self.navigation.weights(latent, SPACES))
+        return self.identity_from(*self.encoder(img))
+
+    def identity_from(self, latent: torch.Tensor, features: list[torch.Tensor]) -> Identity:
+        """The Identity of an encoder output (latent, skip features): its own weights from the navigation."""
+        return Identity(latent, features, self.navigation.weights(latent, SPACES))
 
     def extract(self, frames: torch.Tensor, spaces: Sequence[str] = SPACES) -> dict[str, torch.Tensor]:
         """Driving frames (B,3,S,S) -> {space: W^s (B, n_s)} for the spaces asked."""
+        self.check_extract(frames, spaces)
+        latent, _ = self.encoder(frames)
+        return self.navigation.weights(latent, tuple(spaces))
+
+    def check_extract(self, frames: torch.Tensor, spaces: Sequence[str]) -> None:
+        """The input checks of `extract` (frames' shape, known spaces), shared with the fast path."""
         self._check_images(frames, "driving frames")
         for s in spaces:
             self.navigation.space(s)  # raises a clear KeyError on an unknown space
-        latent, _ = self.encoder(frames)
-        return self.navigation.weights(latent, tuple(spaces))
 
     def motion_features(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """{space: W^s} -> f^{r->d} = sum_s W^s Q^sᵀ (B, D)."""

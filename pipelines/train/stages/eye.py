@@ -53,7 +53,9 @@ class EyeParams:
                 f"d_lr={self.d_lr})"
             )
         if min(self.w_rec, self.w_per, self.w_adv, self.w_self, self.w_fea, self.w_region) < 0:
-            raise ValueError("eye params: loss weights (w_rec, w_per, w_adv, w_self, w_fea) must be >= 0")
+            raise ValueError(
+                "eye params: loss weights (w_rec, w_per, w_adv, w_self, w_fea, w_region) must be >= 0"
+            )
 
 
 def build(model_section: dict, p: EyeParams, upstream: dict[str, str]) -> Nets:
