@@ -10,8 +10,10 @@ form:
 - modulated 3x3 convolutions on weights prepacked once for oneDNN, bias and leaky ReLU fused as post-ops
   (lrelu(conv(x * s) * d + b) = d * lrelu(conv(x * s) + b / d) since d > 0); for one frame with a small weight
   and a large input, s and d go into a per-call copy of the weight instead of two passes over the input;
-- the 3x3 convolutions with many channels at 16..64 px as Winograd F(4x4, 3x3) (Lavin & Gray 2015): 36 batched
-  GEMMs instead of 9 taps per output, 4x fewer multiplies, the transforms themselves as GEMMs;
+- the 3x3 convolutions with >= 128 channels at 16..128 px as Winograd F(4x4, 3x3) (Lavin & Gray 2015): 36 batched
+  GEMMs instead of 9 taps per output, 4x fewer multiplies, the transforms themselves as GEMMs, in chunks of ~128
+  tiles that stay in cache, with the layer's scale, bias, leaky ReLU (or the instance norm's moments) applied
+  per chunk;
 - the transposed-conv upsampling on a prepacked oneDNN weight, its FIR blur with the demodulation folded into the
   (per-channel) kernel, bias and leaky ReLU fused;
 - the warp (bilinear grid_sample) as a sparse CSR x dense product over channels-last features; at the finest
@@ -85,12 +87,15 @@ def _wino_transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Te
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """3x3 weight (O, I, 3, 3) -> its Winograd-domain form U = G w G^T as (36, O, I), computed in float64."""
+    """3x3 weight (O, I, 3, 3) -> its Winograd-domain form U = G w G^T as (36, I, O), computed in float64.
+
+    Stored (36, I, O) contiguous, the right-hand operand of the tile GEMM as it is read: a transposed view of
+    (36, O, I) made torch.bmm 2.2x slower at 1024 tiles x 128 channels (153 against 335 GFLOP/s)."""
     if weight.shape[2:] != (3, 3):
         raise ValueError(f"winograd_weight: needs a 3x3 kernel, got {tuple(weight.shape)}")
     g = torch.tensor(_WINO_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ak,oikl,bl->aboi", g, weight.double(), g)
-    return u.reshape(36, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.double(), g)
+    return u.reshape(36, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
 _RETAINED: bool | None = None
@@ -123,38 +128,93 @@ def _cl(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """F.conv2d(x * scale, w, padding=1) for a 3x3 weight w given as U = winograd_weight(w) (36, O, I).
+# Tiles per Winograd chunk: each chunk's transformed tiles (36 x tiles x channels) stay in this CPU's L2 through
+# the three GEMMs instead of streaming 19-38 MB intermediates through memory (bench/model.py: 128@128 11.9 ->
+# 9.6 ms, 512@32 x 8 frames 72 -> 45 ms).
+WINO_CHUNK_TILES = 128
+
+
+def _wino_spans(b: int, th: int, tw: int) -> list[tuple[int, int, int, int]]:
+    """(first frame, end frame, first tile row, end tile row) of each chunk of about WINO_CHUNK_TILES tiles: rows of
+    one frame where a frame has more tiles, else whole frames."""
+    if th * tw >= WINO_CHUNK_TILES:
+        rows = max(1, WINO_CHUNK_TILES // tw)
+        return [(f, f + 1, t, min(th, t + rows)) for f in range(b) for t in range(0, th, rows)]
+    frames = max(1, WINO_CHUNK_TILES // (th * tw))
+    return [(f, min(b, f + frames), 0, th) for f in range(0, b, frames)]
+
+
+def winograd_conv3x3(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    out_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    lrelu: bool = False,
+    moments: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F.conv2d(x * scale, w, padding=1) for a 3x3 weight w given as U = winograd_weight(w) (36, I, O), then
+    optionally * out_scale (B, O), + bias (O,), leaky ReLU. moments=True also returns the per-(frame, channel)
+    mean and mean square over H, W of the result (B, O) each, summed per chunk while it is in cache (the
+    instance norm after the EEM's convs needs them).
 
     x (B, I, H, W) in any layout; `scale` (B, I) multiplies the input channels on the way into the (zero-padded)
-    tile buffer, so the modulation costs no extra pass. Works in channels-last memory: the tiles of all frames are
-    one GEMM operand (B * tiles rows, I columns), and the result comes back channels-last.
+    tile buffer, so the modulation costs no extra pass. Works in channels-last memory, in chunks of about
+    WINO_CHUNK_TILES tiles (of one frame or of several): per chunk one gather of the overlapping 6x6 tiles, the
+    input transform, the 36 tile GEMMs, the output transform, the epilogue while the chunk is in cache, and the
+    4x4 results written into place. The result comes back channels-last.
     """
     b, c, h, w = x.shape
-    o = u.shape[1]
-    if u.shape != (36, o, c):
+    o = u.shape[2]
+    if u.shape != (36, c, o):
         raise ValueError(f"winograd_conv3x3: U {tuple(u.shape)} does not fit input channels {c}")
     bb, aa = _wino_transforms(x.dtype, x.device)
     th, tw = -(-h // 4), -(-w // 4)
     hp, wp = 4 * th + 2, 4 * tw + 2
-    xp = x.new_zeros(b, hp, wp, c)
+    xp = x.new_empty(b, hp, wp, c)
+    for border in (xp[:, :1], xp[:, h + 1 :], xp[:, :, :1], xp[:, :, w + 1 :]):
+        border.zero_()
     inner = xp[:, 1 : h + 1, 1 : w + 1]
     xn = x.permute(0, 2, 3, 1)
     if scale is None:
         inner.copy_(xn)
     else:
         torch.mul(xn, scale.view(b, 1, 1, c), out=inner)
-    # Overlapping 6x6 tiles (stride 4) of every frame as a view; one gather copy lays them out as
-    # (36, frames * tiles * I).
-    tiles = xp.as_strided((6, 6, b, th, tw, c), (wp * c, c, hp * wp * c, 4 * wp * c, 4 * c, 1)).reshape(
-        36, b * th * tw * c
-    )
-    v = torch.mm(bb, tiles).view(36, b * th * tw, c)
-    m = torch.bmm(v, u.transpose(1, 2))  # (36, tiles, O): the 4x fewer multiplies
-    y = torch.mm(aa, m.view(36, -1)).view(4, 4, b, th, tw, o)
-    out = y.permute(2, 3, 0, 4, 1, 5).reshape(b, 4 * th, 4 * tw, o)
+    osc = None if out_scale is None else out_scale.to(x.dtype)
+    ob = None if bias is None else bias.to(x.dtype)
+    out = x.new_empty(b, 4 * th, 4 * tw, o)
+    if moments:
+        if 4 * th != h or 4 * tw != w:
+            raise ValueError(f"winograd_conv3x3: moments need H, W divisible by 4, got {h}x{w}")
+        sums = x.new_zeros(2, b, o)
+    for f0, f1, t0, t1 in _wino_spans(b, th, tw):
+        nb, nt = f1 - f0, t1 - t0
+        # The chunk's overlapping 6x6 tiles (stride 4) as a view; one gather copy lays them out as
+        # (36, tiles * I).
+        tiles = xp[f0, 4 * t0 :].as_strided(
+            (6, 6, nb, nt, tw, c), (wp * c, c, hp * wp * c, 4 * wp * c, 4 * c, 1)
+        )
+        v = torch.mm(bb, tiles.reshape(36, -1)).view(36, nb * nt * tw, c)
+        m = torch.bmm(v, u)  # (36, tiles, O): the 4x fewer multiplies
+        y = torch.mm(aa, m.view(36, -1)).view(16, nb, nt * tw, o)
+        if osc is not None:
+            y.mul_(osc[f0:f1].view(1, nb, 1, o))
+        if ob is not None:
+            y.add_(ob)
+        if lrelu:
+            F.leaky_relu(y, LRELU_SLOPE, inplace=True)
+        if moments:
+            rows = y.transpose(0, 1).reshape(nb, -1, o)
+            sums[0, f0:f1] += rows.sum(dim=1)
+            sums[1, f0:f1] += torch.linalg.vecdot(rows, rows, dim=1)
+        dst = out[f0:f1, 4 * t0 : 4 * t1].view(nb, nt, 4, tw, 4, o)
+        dst.copy_(y.view(4, 4, nb, nt, tw, o).permute(2, 3, 0, 4, 1, 5))
     if 4 * th != h or 4 * tw != w:
         out = out[:, :h, :w].contiguous()
+    if moments:
+        sums /= h * w
+        return out.permute(0, 3, 1, 2), sums[0], sums[1]
     return out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
 
 
@@ -339,9 +399,7 @@ class _ModConv3x3:
 
     def __call__(self, x: torch.Tensor, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if self.winograd is not None:
-            out = winograd_conv3x3(x, self.winograd, s)
-            out.mul_(_per_channel(d)).add_(_per_channel(self.bias.expand_as(d)))
-            return F.leaky_relu(out, LRELU_SLOPE, inplace=True)
+            return winograd_conv3x3(x, self.winograd, s, out_scale=d, bias=self.bias, lrelu=True)
         if d.shape[0] == 1 and _fold_styles(self.conv, x):
             # One frame with a small weight and a large input: s (input channels) and d (output channels) go
             # into a per-call copy of the weight instead of two passes over the activations.
@@ -685,11 +743,21 @@ class _FastEEMBlock:
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """instance_norm(conv1(f^id)) (conv1's bias dropped: the norm removes it), channels-last."""
-        x = _cl(x)
-        y = winograd_conv3x3(x, self.winograd1) if self.winograd1 is not None else self.conv1(x, None, False)
-        var, mean = _var_mean(y)
+        y, var, mean = self._conv_norm_stats(_cl(x), self.winograd1, self.conv1)
         a = torch.rsqrt(var + 1e-5)  # instance_norm's eps
         return torch.addcmul(_per_channel(-mean * a), y, _per_channel(a))
+
+    @staticmethod
+    def _conv_norm_stats(
+        x: torch.Tensor, winograd: torch.Tensor | None, conv: _Conv | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y = conv(x), biased variance, mean of y per frame and channel): the Winograd conv sums the moments
+        chunk by chunk in cache, the direct conv takes a pass over y afterwards."""
+        if winograd is not None and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0:
+            y, mean, sq = winograd_conv3x3(x, winograd, moments=True)
+            return y, (sq - mean.square()).clamp_(min=0.0), mean
+        y = winograd_conv3x3(x, winograd) if winograd is not None else conv(x, None, False)
+        return (y, *_var_mean(y))
 
     @staticmethod
     def _affine(norm, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -702,8 +770,7 @@ class _FastEEMBlock:
         x, prepared = _cl(x), _cl(prepared)
         h = torch.addcmul(_per_channel(b1).to(x.dtype), prepared, _per_channel(g1).to(x.dtype))
         F.leaky_relu(h, LRELU_SLOPE, inplace=True)
-        y = winograd_conv3x3(h, self.winograd) if self.winograd is not None else self.conv2(h, None, False)
-        var, mean = _var_mean(y)
+        y, var, mean = self._conv_norm_stats(h, self.winograd, self.conv2)
         g2, b2 = self._affine(self.norm2, cond)
         a = g2.to(y.dtype) * torch.rsqrt(var + 1e-5)  # instance_norm's eps
         c = b2.to(y.dtype) - mean * a
@@ -728,8 +795,8 @@ class EEMParts(NamedTuple):
 
 class _FastEncoder:
     """Encoder E (edtalk/encoder.py) for inference: channels-last, equalized-lr scales and leaky-ReLU gains folded
-    into the weights, bias + leaky ReLU fused into prepacked oneDNN convs, Winograd for the wide 3x3 convs at
-    16..64 px. Per residual block: the skip's blur runs only where its stride-2 1x1 conv samples (a stride-2
+    into the weights, bias + leaky ReLU fused into prepacked oneDNN convs, Winograd for the wide 3x3 convs
+    (FastRenderer's thresholds). Per residual block: the skip's blur runs only where its stride-2 1x1 conv samples (a stride-2
     depthwise conv, a quarter of the work), and the block's 1/sqrt(2) cancels the conv branch's sqrt(2) gain
     (leaky ReLU is positively homogeneous) and is folded into the skip's weight."""
 
@@ -774,8 +841,7 @@ class _FastEncoder:
         feats = [h]
         for blk in self.blocks:
             if blk["wino1"] is not None:
-                y = winograd_conv3x3(h, blk["wino1"])
-                y = F.leaky_relu(y.add_(blk["bias1"].to(dt).view(1, -1, 1, 1)), LRELU_SLOPE, inplace=True)
+                y = winograd_conv3x3(h, blk["wino1"], bias=blk["bias1"], lrelu=True)
             else:
                 y = blk["conv1"](h, blk["bias1"].to(dt), lrelu=True)
             out = blk["conv2"](blk["blur"](y, None, lrelu=False), blk["bias2"].to(dt), lrelu=True)
@@ -806,8 +872,8 @@ class FastRenderer:
         self,
         model,
         winograd: bool = True,
-        winograd_min_channels: int = 256,
-        winograd_sizes: tuple[int, int] = (16, 64),
+        winograd_min_channels: int = 128,
+        winograd_sizes: tuple[int, int] = (16, 128),
         use_mkldnn: bool = True,
         polyphase_min_size: int = 1 << 30,
         batch_max_size: int = 32,

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edtalk import EDTalk, ModelConfig
+from edtalk import EDTalk, ModelConfig, fast
 from edtalk.fast import FastRenderer, _var_mean, warp_bilinear, winograd_conv3x3, winograd_weight
+from edtalk.ops import LRELU_SLOPE
 
 # Every eligible layer on the Winograd path and every upsampling conv in polyphase form (tiny sizes included).
 ALL_WINOGRAD = {"winograd_min_channels": 1, "winograd_sizes": (4, 4096), "polyphase_min_size": 1}
@@ -55,6 +56,36 @@ def test_winograd_conv_equals_conv2d(h: int, w: int, batch: int) -> None:
     # Not a coincidence of symmetric data: a flipped kernel (convolution instead of correlation) differs.
     flipped = winograd_conv3x3(x, winograd_weight(weight.flip(2, 3)), scale)
     assert (flipped - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("chunk", "h", "w", "batch"),
+    [(3, 16, 12, 2), (8, 8, 8, 3), (1, 8, 16, 1), (128, 16, 16, 2)],
+)
+def test_winograd_chunks_epilogue_and_moments(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, h: int, w: int, batch: int
+) -> None:
+    """Chunked tiles (rows of a frame, or several frames, per chunk) give the same conv; the fused epilogue
+    (* out_scale, + bias, leaky ReLU) and the moments equal the same steps done afterwards on F.conv2d."""
+    monkeypatch.setattr(fast, "WINO_CHUNK_TILES", chunk)
+    g = torch.Generator().manual_seed(chunk + h)
+    x = torch.randn(batch, 6, h, w, generator=g)
+    weight = torch.randn(5, 6, 3, 3, generator=g) / 4
+    scale = torch.rand(batch, 6, generator=g) + 0.5
+    d = torch.rand(batch, 5, generator=g) + 0.5
+    bias = torch.randn(5, generator=g)
+    u = winograd_weight(weight)
+    conv = F.conv2d(x * scale[:, :, None, None], weight, padding=1)
+    ref = F.leaky_relu(conv * d[:, :, None, None] + bias.view(1, -1, 1, 1), LRELU_SLOPE)
+    out = winograd_conv3x3(x, u, scale, out_scale=d, bias=bias, lrelu=True)
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=0)
+    y, mean, sq = winograd_conv3x3(x, u, scale, moments=True)
+    torch.testing.assert_close(y, conv, atol=5e-5, rtol=0)
+    torch.testing.assert_close(mean, conv.mean(dim=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sq, conv.square().mean(dim=(2, 3)), atol=1e-4, rtol=1e-5)
+    spans = fast._wino_spans(batch, h // 4, w // 4)
+    tiles = sum((f1 - f0) * (t1 - t0) for f0, f1, t0, t1 in spans) * (w // 4)
+    assert tiles == batch * (h // 4) * (w // 4) and (chunk >= 128 or len(spans) > 1)
 
 
 def test_winograd_conv_returns_channels_last() -> None:
