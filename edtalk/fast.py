@@ -761,12 +761,30 @@ class _FastEEMBlock:
         self.winograd = winograd_weight(w2) if use_winograd else None
         self.conv2 = None if use_winograd else _Conv(w2, padding=1, use_mkldnn=use_mkldnn)
         self.norm1, self.norm2 = block.norm1, block.norm2
+        self.use_mkldnn = use_mkldnn and _mkldnn_ok()
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """instance_norm(conv1(f^id)) (conv1's bias dropped: the norm removes it), channels-last."""
         y, var, mean = self._conv_norm_stats(_cl(x), self.winograd1, self.conv1)
         a = torch.rsqrt(var + 1e-5)  # instance_norm's eps
         return torch.addcmul(_per_channel(-mean * a), y, _per_channel(a))
+
+    def _adain_lrelu(self, prepared: torch.Tensor, g1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        """leaky_relu(prepared * g1 + b1): for one frame a oneDNN depthwise 1x1 conv with bias and activation
+        fused (one pass over the map instead of two: ~4 ms per frame at 256 px, where the maps are 16 MB)."""
+        dt = prepared.dtype
+        c = prepared.shape[1]
+        if (
+            prepared.shape[0] == 1
+            and g1.shape[0] == 1
+            and self.use_mkldnn
+            and dt == torch.float32
+            and prepared.device.type == "cpu"
+        ):
+            kernel = g1.to(dt).view(c, 1, 1, 1).contiguous()
+            return _onednn_conv(prepared, kernel, b1[0].to(dt).contiguous(), 0, groups=c, lrelu=True)
+        h = torch.addcmul(_per_channel(b1).to(dt), prepared, _per_channel(g1).to(dt))
+        return F.leaky_relu(h, LRELU_SLOPE, inplace=True)
 
     @staticmethod
     def _conv_norm_stats(
@@ -794,9 +812,9 @@ class _FastEEMBlock:
             y, mean, sq = winograd_conv3x3(prepared, self.winograd, g1, shift=b1, in_lrelu=True, moments=True)
             var = (sq - mean.square()).clamp_(min=0.0)
         else:
-            h = torch.addcmul(_per_channel(b1).to(x.dtype), prepared, _per_channel(g1).to(x.dtype))
-            F.leaky_relu(h, LRELU_SLOPE, inplace=True)
-            y, var, mean = self._conv_norm_stats(h, self.winograd, self.conv2)
+            y, var, mean = self._conv_norm_stats(
+                self._adain_lrelu(prepared, g1, b1), self.winograd, self.conv2
+            )
         g2, b2 = self._affine(self.norm2, cond)
         a = g2.to(y.dtype) * torch.rsqrt(var + 1e-5)  # instance_norm's eps
         c = b2.to(y.dtype) - mean * a
