@@ -634,9 +634,9 @@ class _FastGenerator:
         x = _cl(self.const.expand(s.shape[0], -1, -1, -1).to(s.dtype))
         return self.conv1(x, s, d), None, None
 
-    def level(self, i: int, state, styles, feat: torch.Tensor, identity_rgb: torch.Tensor | None = None):
+    def level(self, i: int, state, styles, feat, feature_rgb: torch.Tensor | None = None):
         """Level i (resolution 8 * 2**i) of the generator on `state` = (features, logits, image). At the last level
-        `identity_rgb` may hold the identity feature's RGB projection for these frames (`project_identity`)."""
+        `feature_rgb` may replace `feat` by its RGB projection for these frames (`project_feature`)."""
         out, logits, rgb = state
         lv = self.levels[i]
         (s_up, d_up), (s_c, d_c), (s_flow, _), (s_rgb, _) = styles[1 + 4 * i : 5 + 4 * i]
@@ -651,7 +651,7 @@ class _FastGenerator:
         grid = self._grid(h, w, out) + torch.tanh(logits).permute(0, 2, 3, 1)[..., 0:2]
         mask = torch.sigmoid(logits)[:, 2:3]
         if i == len(self.levels) - 1:
-            return None, logits, self._last_rgb(i, out, mask, grid, s_rgb, feat, rgb, identity_rgb)
+            return None, logits, self._last_rgb(i, out, mask, grid, s_rgb, feat, rgb, feature_rgb)
         if isinstance(feat, EEMParts):
             feat = feat.sum()
         if feat.shape[0] != b:
@@ -675,27 +675,40 @@ class _FastGenerator:
         b = s_rgb.shape[0]
         return self.levels[i]["rgb_w"].view(1, 3, -1).to(dt) * s_rgb.to(dt).view(b, 1, -1)
 
-    def project_identity(self, styles, feat: torch.Tensor) -> torch.Tensor:
-        """The last level's ToRGB projection of a one-identity feature (1, C, H, W) for all frames of `styles`
-        (B, 3, H, W): one pass over the feature for every frame, instead of one per frame."""
+    def project_feature(self, styles, feat, identity_rgb: torch.Tensor | None = None) -> torch.Tensor:
+        """The last level's ToRGB projection of its feature for the frames of `styles` (this generator's
+        `styles(latent)`), (B, 3, H, W): a tensor (one identity's, for all frames in one pass, or one per frame),
+        or EEMParts x + a * y + c projected piece by piece without being summed; `identity_rgb`, if given, is the
+        projection of x already."""
         i = len(self.levels) - 1
-        return self._project(feat, self._rgb_weight(i, styles[4 + 4 * i][0], feat.dtype))
+        return self._project_rgb(styles[4 + 4 * i][0], feat, identity_rgb)
 
-    def _last_rgb(self, i: int, out, mask, grid, s_rgb, feat, rgb, identity_rgb=None) -> torch.Tensor:
+    def _project_rgb(
+        self, s_rgb: torch.Tensor, feat, identity_rgb: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        i = len(self.levels) - 1
+        b = s_rgb.shape[0]
+        parts = feat if isinstance(feat, EEMParts) else None
+        x = parts.x if parts is not None else feat
+        dt = parts.y.dtype if parts is not None else x.dtype
+        ws = self._rgb_weight(i, s_rgb, dt)
+        proj = self._project(x.to(dt), ws) if identity_rgb is None else identity_rgb
+        if parts is not None:
+            proj = proj + self._project(parts.y, ws * parts.a.view(b, 1, -1))
+            proj = proj + (ws @ parts.c.view(b, -1, 1)).view(b, 3, 1, 1)
+        return proj
+
+    def _last_rgb(self, i: int, out, mask, grid, s_rgb, feat, rgb, feature_rgb=None) -> torch.Tensor:
         """The finest level's image. Its warped feature feeds only ToRGB, a per-pixel linear map to 3 channels,
         and the warp is linear per channel: so the feature is projected to RGB first and the 3-channel image is
         warped, ToRGB(warp(f)) = warp(ToRGB(f)); with the EEM, f = x + a * y + c projects without being summed.
         That removes the passes over the 256 px maps that warping 64 channels (and summing the EEM) would take."""
         lv = self.levels[i]
-        b, _, h, w = out.shape
+        h = out.shape[2]
         dt = out.dtype
-        ws = self._rgb_weight(i, s_rgb, dt)
-        parts = feat if isinstance(feat, EEMParts) else None
-        x = parts.x if parts is not None else feat
-        proj = self._project(x.to(dt), ws) if identity_rgb is None else identity_rgb
-        if parts is not None:
-            proj = proj + self._project(parts.y, ws * parts.a.view(b, 1, -1))
-            proj = proj + (ws @ parts.c.view(b, -1, 1)).view(b, 3, 1, 1)
+        if feature_rgb is None:
+            feature_rgb = self._project_rgb(s_rgb, feat)
+        proj = feature_rgb.to(dt)
         if h >= self.sparse_warp_min_size and out.device.type == "cpu":
             raw_rgb = warp_bilinear(proj, grid)
         else:
@@ -1062,17 +1075,21 @@ class FastRenderer:
             if split == levels:
                 return state[2].contiguous()
             # The last level's identity part (the feature, or the clip's constant EEM output) projected to RGB
-            # for all frames at once; each frame then projects only its own EEM piece.
+            # for all frames at once; each frame then projects only its own EEM piece, right after computing it
+            # (while its 256 px map is still in cache).
             last = constant[-1] if constant is not None else feats[-1]
-            identity_rgb = gen.project_identity(styles, last) if last.shape[0] == 1 else None
+            identity_rgb = gen.project_feature(styles, last) if last.shape[0] == 1 else None
             outs = []
             for j in range(n):
                 rows = slice(j, j + 1)
                 st = tuple(None if t is None else t[rows] for t in state)
                 sty = [(sv[rows], None if d is None else d[rows]) for sv, d in styles]
-                for i in range(split, levels):
-                    id_rgb = identity_rgb[rows] if identity_rgb is not None and i == levels - 1 else None
-                    st = gen.level(i, st, sty, feature(i, rows), id_rgb)
+                for i in range(split, levels - 1):
+                    st = gen.level(i, st, sty, feature(i, rows))
+                id_rgb = identity_rgb[rows] if identity_rgb is not None else None
+                st = gen.level(
+                    levels - 1, st, sty, None, gen.project_feature(sty, feature(levels - 1, rows), id_rgb)
+                )
                 outs.append(st[2])
             return torch.cat(outs).contiguous()
 
