@@ -129,8 +129,8 @@ def _cl(x: torch.Tensor) -> torch.Tensor:
 
 
 # Tiles per Winograd chunk: each chunk's transformed tiles (36 x tiles x channels) stay in this CPU's L2 through
-# the three GEMMs instead of streaming 19-38 MB intermediates through memory (bench/model.py: 128@128 11.9 ->
-# 9.6 ms, 512@32 x 8 frames 72 -> 45 ms).
+# the three GEMMs instead of streaming 19-38 MB intermediates through memory (measured alone, docs/benchmarks.md
+# "Model": 128@128 11.9 -> 9.6 ms, 512@32 x 8 frames 72 -> 45 ms; 64 or 256 tiles were no better).
 WINO_CHUNK_TILES = 128
 
 
@@ -157,10 +157,12 @@ def winograd_conv3x3(
     moments: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """F.conv2d(x * scale, w, padding=1) for a 3x3 weight w given as U = winograd_weight(w) (36, I, O), then
-    optionally * out_scale (B, O), + bias (O,), leaky ReLU. The input may also be shifted, x * scale + shift
-    (B, I), and pass a leaky ReLU (in_lrelu) before the (zero) padding, as the EEM's AdaIN -> leaky ReLU -> conv. moments=True also returns the per-(frame, channel)
-    mean and mean square over H, W of the result (B, O) each, summed per chunk while it is in cache (the
-    instance norm after the EEM's convs needs them).
+    optionally * out_scale (B, O), + bias (O,), leaky ReLU.
+
+    The input may also be shifted, x * scale + shift (B, I), and pass a leaky ReLU (in_lrelu) before the (zero)
+    padding, as the EEM's AdaIN -> leaky ReLU -> conv does; x may then be one frame broadcast over the B rows of
+    scale and shift. moments=True also returns the per-(frame, channel) mean and mean square over H, W of the
+    result, (B, O) each, summed per chunk while it is in cache (for the instance norm after the EEM's convs).
 
     x (B, I, H, W) in any layout; `scale` (B, I) multiplies the input channels on the way into the (zero-padded)
     tile buffer, so the modulation costs no extra pass. Works in channels-last memory, in chunks of about
@@ -853,9 +855,9 @@ class EEMParts(NamedTuple):
 class _FastEncoder:
     """Encoder E (edtalk/encoder.py) for inference: channels-last, equalized-lr scales and leaky-ReLU gains folded
     into the weights, bias + leaky ReLU fused into prepacked oneDNN convs, Winograd for the wide 3x3 convs
-    (FastRenderer's thresholds). Per residual block: the skip's blur runs only where its stride-2 1x1 conv samples (a stride-2
-    depthwise conv, a quarter of the work), and the block's 1/sqrt(2) cancels the conv branch's sqrt(2) gain
-    (leaky ReLU is positively homogeneous) and is folded into the skip's weight."""
+    (FastRenderer's thresholds). Per residual block: the skip's blur runs only where its stride-2 1x1 conv
+    samples (a stride-2 depthwise conv, a quarter of the work), and the block's 1/sqrt(2) cancels the conv
+    branch's sqrt(2) gain (leaky ReLU is positively homogeneous) and is folded into the skip's weight."""
 
     def __init__(self, enc, winograd_min_channels: int, winograd_sizes: tuple[int, int], use_mkldnn: bool):
         stem_conv, stem_act = enc.stem[0], enc.stem[1]
