@@ -438,7 +438,8 @@ class RayCluster:
         )
         if out.returncode != 0:
             raise RuntimeError(
-                f"driver failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+                f"driver failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}\n"
+                f"{self.raylet_log_tail()}"
             )
         # Workers' log lines reach the driver's stdout too, even after the result: take the last JSON line.
         for line in reversed(out.stdout.strip().splitlines()):
@@ -452,6 +453,16 @@ class RayCluster:
             "import json, ray; ray.init(); print(json.dumps({k.split('_')[0]: n['NodeID'] for n in ray.nodes() "
             "if n['Alive'] for k in n['Resources'] if k in ('head_node', 'worker_node')}))"
         )
+
+    def raylet_log_tail(self, lines: int = 30) -> str:
+        """The last lines of every raylet's log and error files (both nodes log under this cluster's temp dir):
+        what a failing test shows, since the directory is removed when the cluster stops."""
+        logs = self.temp_dir / "session_latest" / "logs"
+        parts = []
+        for f in sorted(logs.glob("raylet*.out")) + sorted(logs.glob("raylet*.err")):
+            tail = f.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {f.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+        return "\n".join(parts) or f"(no raylet logs under {logs})"
 
     def workers_by_node(self) -> dict[str, set[str]]:
         """node id -> job ids that had a worker process on that node (from the raylets' own logs).
@@ -472,15 +483,21 @@ class RayCluster:
         return out
 
 
+WORKER_PORTS = 256  # per node (Ray's default range is ~10,000 ports)
+
+
 def _ray_node_cmd(temp_dir: Path, head: bool, gcs_port: int, resources: dict, cpus: int = 1) -> list[str]:
-    # Two raylets on one host need distinct ports for everything a node listens on.
-    workers = free_port_range(16)
+    # Two raylets on one host need distinct ports for everything a node listens on. Every worker process holds
+    # one port of its node's range while it lives, and a raylet whose range is used up fails worker starts ("No
+    # available ports"), which surfaces as "worker startup repeatedly failed": a training job's actors, Ray Data
+    # tasks and the idle workers kept for reuse need more than a few dozen over a session.
+    workers = free_port_range(WORKER_PORTS)
     cmd = [
         str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
         "--num-cpus", str(cpus), "--num-gpus", "0", "--resources", json.dumps(resources),
         "--object-store-memory", str(256 * 1024**2),
         "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-        "--min-worker-port", str(workers), "--max-worker-port", str(workers + 15),
+        "--min-worker-port", str(workers), "--max-worker-port", str(workers + WORKER_PORTS - 1),
         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
     ]  # fmt: skip

@@ -110,7 +110,7 @@ def preprocessed(ray_cluster, s3_server, tmp_path_factory) -> dict:
          "--set", "preprocess.size=64", "--set", "preprocess.workers=2", "--set", "preprocess.cpus_per_worker=0.5"],
         env=env, capture_output=True, text=True, timeout=600, cwd=work,
     )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:] + ray_cluster.raylet_log_tail()
     return {"output": "s3://edtalk-processed/run", "jobs": jobs_added(before, ray_cluster.workers_by_node())}
 
 
@@ -163,7 +163,7 @@ def test_training_stage_with_two_workers_across_nodes_through_s3(
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=work)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:] + ray_cluster.raylet_log_tail()
 
     model_files = storage.list_files("s3://edtalk-models/models/autoencoder")
     assert any(f.endswith("config.json") for f in model_files), model_files
