@@ -183,11 +183,13 @@ def winograd_conv3x3(
         border.zero_()
     inner = xp[:, 1 : h + 1, 1 : w + 1]
     xn = x.permute(0, 2, 3, 1)
-    if shift is not None:
-        sc = scale.view(-1, 1, 1, c) if scale is not None else torch.ones_like(shift).view(-1, 1, 1, c)
-        torch.addcmul(shift.view(-1, 1, 1, c).to(x.dtype), xn, sc.to(x.dtype), out=inner)
+    per_channel = [None if t is None else t.view(-1, 1, 1, c).to(x.dtype) for t in (scale, shift)]
+    if scale is not None and shift is not None:
+        torch.addcmul(per_channel[1], xn, per_channel[0], out=inner)
     elif scale is not None:
-        torch.mul(xn, scale.view(-1, 1, 1, c).to(x.dtype), out=inner)
+        torch.mul(xn, per_channel[0], out=inner)
+    elif shift is not None:
+        torch.add(xn, per_channel[1], out=inner)
     else:
         inner.copy_(xn)
     if in_lrelu:
@@ -491,9 +493,8 @@ class _ModUpConv:
         else:
             xs = x * _per_channel(s)
             if x.shape[2] >= self.polyphase_min_size and x.dtype == torch.float32:
-                y = self._polyphase(
-                    xs
-                )  # 2H + 2: the blur below then yields 2H + 1 rows, the last one dropped
+                # 2H + 2 rows: the blur below then yields 2H + 1, the last one dropped
+                y = self._polyphase(xs)
             elif onednn:
                 # oneDNN's transposed conv on a weight reordered once per input shape (F.conv_transpose2d
                 # reorders the whole weight on every call: 2x slower at 4..16 px, where the weight dominates).
@@ -801,15 +802,22 @@ class _FastEEMBlock:
         h = torch.addcmul(_per_channel(b1).to(dt), prepared, _per_channel(g1).to(dt))
         return F.leaky_relu(h, LRELU_SLOPE, inplace=True)
 
-    @staticmethod
     def _conv_norm_stats(
-        x: torch.Tensor, winograd: torch.Tensor | None, conv: _Conv | None
+        self,
+        x: torch.Tensor,
+        winograd: torch.Tensor | None,
+        conv: _Conv | None,
+        adain: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y = conv(x), biased variance, mean of y per frame and channel): the Winograd conv sums the moments
-        chunk by chunk in cache, the direct conv takes a pass over y afterwards."""
+        """(y = conv(x), biased variance, mean of y per frame and channel), with x first passed through
+        leaky_relu(x * g + b) if `adain` = (g, b) is given. The Winograd conv applies the AdaIN as its tiles are
+        laid out and sums the moments chunk by chunk in cache; the direct conv takes a pass over y afterwards."""
         if winograd is not None and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0:
-            y, mean, sq = winograd_conv3x3(x, winograd, moments=True)
+            g, b = adain if adain is not None else (None, None)
+            y, mean, sq = winograd_conv3x3(x, winograd, g, shift=b, in_lrelu=adain is not None, moments=True)
             return y, (sq - mean.square()).clamp_(min=0.0), mean
+        if adain is not None:
+            x = self._adain_lrelu(x, *adain)
         y = winograd_conv3x3(x, winograd) if winograd is not None else conv(x, None, False)
         return (y, *_var_mean(y))
 
@@ -822,14 +830,7 @@ class _FastEEMBlock:
         """The block's output x + a * y + c, not yet summed (a, c per frame and channel)."""
         g1, b1 = self._affine(self.norm1, cond)
         x, prepared = _cl(x), _cl(prepared)
-        if self.winograd is not None and prepared.shape[2] % 4 == 0 and prepared.shape[3] % 4 == 0:
-            # AdaIN1 + leaky ReLU applied as the tiles are laid out: no pass of its own.
-            y, mean, sq = winograd_conv3x3(prepared, self.winograd, g1, shift=b1, in_lrelu=True, moments=True)
-            var = (sq - mean.square()).clamp_(min=0.0)
-        else:
-            y, var, mean = self._conv_norm_stats(
-                self._adain_lrelu(prepared, g1, b1), self.winograd, self.conv2
-            )
+        y, var, mean = self._conv_norm_stats(prepared, self.winograd, self.conv2, adain=(g1, b1))
         g2, b2 = self._affine(self.norm2, cond)
         a = g2.to(y.dtype) * torch.rsqrt(var + 1e-5)  # instance_norm's eps
         c = b2.to(y.dtype) - mean * a

@@ -88,6 +88,10 @@ def test_winograd_chunks_epilogue_and_moments(
     hidden = F.leaky_relu(x[:1] * scale[:, :, None, None] + shift[:, :, None, None], LRELU_SLOPE)
     out = winograd_conv3x3(x[:1], u, scale, shift=shift, in_lrelu=True)
     torch.testing.assert_close(out, F.conv2d(hidden, weight, padding=1), atol=5e-5, rtol=0)
+    shifted = winograd_conv3x3(x, u, shift=shift)
+    torch.testing.assert_close(
+        shifted, F.conv2d(x + shift[:, :, None, None], weight, padding=1), atol=5e-5, rtol=0
+    )
     spans = fast._wino_spans(batch, h // 4, w // 4)
     tiles = sum((f1 - f0) * (t1 - t0) for f0, f1, t0, t1 in spans) * (w // 4)
     assert tiles == batch * (h // 4) * (w // 4) and (chunk >= 128 or len(spans) > 1)
