@@ -22,7 +22,10 @@ form:
 - the flow head's blend as one lerp, and the mask applied after the (linear, per-pixel) ToRGB instead of before;
 - the EEM's conv2 bias dropped (the instance norm that follows removes it), instance norm + AdaIN + residual as
   one per-channel affine, its identity-only half once per identity;
-- the coarse levels of all frames of a call as one batch, the fine ones frame by frame (cache-sized);
+- on CPU the frames of a call split into as many groups as torch has threads (up to the frame count), run
+  concurrently, each in a thread of its own on one share of the threads; within a group the coarse levels run
+  as one batch, the fine ones frame by frame (cache-sized). Each core then keeps its own frame's maps in its
+  cache, and the memory-bound passes no longer synchronise two cores per op;
 - glibc malloc told to keep freed memory (`retain_freed_memory`), so the per-frame activations are not
   page-faulted in afresh every frame.
 
@@ -36,8 +39,10 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
@@ -925,7 +930,9 @@ class FastRenderer:
     this large run as one stride-1 conv of the four phase kernels (off by default: slower in the full render).
     batch_max_size: levels up to this resolution run all frames of a call as one batch, finer ones frame by frame
     (on CPU). sparse_warp_min_size: from this resolution the warp is a sparse product instead of grid_sample (CPU).
-    retain_memory: call `retain_freed_memory()` (process-wide; see there).
+    retain_memory: call `retain_freed_memory()` (process-wide; see there). frame_groups: on CPU, how many groups
+    of a call's frames run concurrently, each in its own thread with torch.get_num_threads() // frame_groups
+    threads (None: one group per torch thread, at most one per frame; 1: all frames in the calling thread).
     """
 
     def __init__(
@@ -939,8 +946,10 @@ class FastRenderer:
         batch_max_size: int = 32,
         sparse_warp_min_size: int = 32,
         retain_memory: bool = True,
+        frame_groups: int | None = None,
     ) -> None:
         self.model = model
+        self._pool: tuple[int, ThreadPoolExecutor, int] | None = None
         if retain_memory:
             retain_freed_memory()
         self.options = {
@@ -950,6 +959,7 @@ class FastRenderer:
             "winograd_sizes": tuple(winograd_sizes),
             "use_mkldnn": use_mkldnn,
             "polyphase_min_size": polyphase_min_size,
+            "frame_groups": frame_groups,
         }
         self._build()
 
@@ -1023,7 +1033,17 @@ class FastRenderer:
         self.model.check_extract(frames, spaces)
         with torch.inference_mode():
             self._current()
-            latent, _ = self.encoder(frames)
+            if frames.device.type != "cpu":
+                latent, _ = self.encoder(frames)
+            else:
+                # On CPU the frames run in concurrent groups (`frame_groups`), each group frame by frame: one
+                # frame's activations stay in cache.
+                def latents(rows: slice) -> torch.Tensor:
+                    return torch.cat(
+                        [self.encoder(frames[j : j + 1])[0] for j in range(rows.start, rows.stop)]
+                    )
+
+                latent = self._in_groups(latents, frames.shape[0], True)
             return self.model.navigation.weights(latent, spaces)
 
     def prepare_identity(self, identity) -> None:
@@ -1064,37 +1084,68 @@ class FastRenderer:
 
             gen = self.generator
             styles = gen.styles(latent)
-            state = gen.start(styles)
             levels = len(gen.levels)
-            split = levels
-            if n > 1 and latent.device.type == "cpu":
-                # Coarse levels batch all frames (their weights are read once for all); from the first level
-                # above batch_max_size each frame runs alone, its activations staying in cache.
-                big = [i for i, lv in enumerate(gen.levels) if lv["size"] > self.options["batch_max_size"]]
-                split = big[0] if big else levels
-            everything = slice(0, n)
-            for i in range(split):
-                state = gen.level(i, state, styles, feature(i, everything))
-            if split == levels:
-                return state[2].contiguous()
-            # The last level's identity part (the feature, or the clip's constant EEM output) projected to RGB
-            # for all frames at once; each frame then projects only its own EEM piece, right after computing it
-            # (while its 256 px map is still in cache).
-            last = constant[-1] if constant is not None else feats[-1]
-            identity_rgb = gen.project_feature(styles, last) if last.shape[0] == 1 else None
-            outs = []
-            for j in range(n):
-                rows = slice(j, j + 1)
-                st = tuple(None if t is None else t[rows] for t in state)
+            cpu = latent.device.type == "cpu"
+            # The last level's identity part (the feature, or the clip's constant EEM output) is projected to RGB
+            # for a group's frames in one pass; each frame then projects only its own EEM piece, right after
+            # computing it (while its 256 px map is still in cache).
+            last_feat = constant[-1] if constant is not None else feats[-1]
+
+            def frames(rows: slice) -> torch.Tensor:
                 sty = [(sv[rows], None if d is None else d[rows]) for sv, d in styles]
-                for i in range(split, levels - 1):
-                    st = gen.level(i, st, sty, feature(i, rows))
-                id_rgb = identity_rgb[rows] if identity_rgb is not None else None
-                st = gen.level(
-                    levels - 1, st, sty, None, gen.project_feature(sty, feature(levels - 1, rows), id_rgb)
-                )
-                outs.append(st[2])
-            return torch.cat(outs).contiguous()
+                state = gen.start(sty)
+                split = levels
+                if rows.stop - rows.start > 1 and cpu:
+                    # Coarse levels batch the group's frames (their weights are read once for all); from the
+                    # first level above batch_max_size each frame runs alone, its activations staying in cache.
+                    big = [
+                        i for i, lv in enumerate(gen.levels) if lv["size"] > self.options["batch_max_size"]
+                    ]
+                    split = big[0] if big else levels
+                for i in range(split):
+                    state = gen.level(i, state, sty, feature(i, rows))
+                if split == levels:
+                    return state[2]
+                identity_rgb = gen.project_feature(sty, last_feat) if last_feat.shape[0] == 1 else None
+                outs = []
+                for j in range(rows.stop - rows.start):
+                    one = slice(j, j + 1)
+                    st = tuple(None if t is None else t[one] for t in state)
+                    sty1 = [(sv[one], None if d is None else d[one]) for sv, d in sty]
+                    at = slice(rows.start + j, rows.start + j + 1)
+                    for i in range(split, levels - 1):
+                        st = gen.level(i, st, sty1, feature(i, at))
+                    id_rgb = identity_rgb[one] if identity_rgb is not None else None
+                    st = gen.level(
+                        levels - 1, st, sty1, None, gen.project_feature(sty1, feature(levels - 1, at), id_rgb)
+                    )
+                    outs.append(st[2])
+                return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+            return self._in_groups(frames, n, cpu).contiguous()
+
+    def _in_groups(self, fn, n: int, cpu: bool) -> torch.Tensor:
+        """torch.cat of fn(rows) over contiguous groups of the n frames, the groups run concurrently, each in a
+        thread of its own with its share of torch's threads (CPU; see `frame_groups`)."""
+        groups = self.options["frame_groups"]
+        threads = torch.get_num_threads()
+        groups = min(n, threads if groups is None else groups) if cpu else 1
+        if groups <= 1:
+            return fn(slice(0, n))
+        per = max(1, threads // groups)
+        bounds = [n * k // groups for k in range(groups + 1)]
+
+        def run(k: int) -> torch.Tensor:
+            torch.set_num_threads(per)  # this thread's OpenMP team only; the caller's stays as it is
+            with torch.inference_mode():
+                return fn(slice(bounds[k], bounds[k + 1]))
+
+        if self._pool is None or self._pool[0] != groups or self._pool[2] != os.getpid():
+            if self._pool is not None and self._pool[2] == os.getpid():
+                self._pool[1].shutdown()
+            # (a forked child inherits the pool object but not its threads: it makes its own)
+            self._pool = (groups, ThreadPoolExecutor(groups, thread_name_prefix="edtalk-render"), os.getpid())
+        return torch.cat(list(self._pool[1].map(run, range(groups))))
 
 
 def prepared_conv_available() -> bool:

@@ -179,6 +179,30 @@ def test_fast_render_equals_eager_render(model: EDTalk, options: dict) -> None:
             assert ref.abs().max() > 0.5  # a real image, not a degenerate zero
 
 
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_fast_render_in_concurrent_frame_groups(model: EDTalk, groups: int) -> None:
+    """Frames split into groups that run in threads of their own (frame_groups): the same images and driving
+    weights as the eager model, for per-frame and clip expressions and an identity batch, and the caller's torch
+    thread count is left as it was."""
+    renderer = FastRenderer(model, frame_groups=groups)
+    ident, weights = _inputs(model, 5)
+    clip = {**weights, "expression": weights["expression"][:1].expand(5, -1)}
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for w in (weights, clip):
+            torch.testing.assert_close(renderer.render(ident, w), model.render(ident, w), atol=1e-4, rtol=0)
+        if groups > 1:
+            assert renderer._pool is not None and renderer._pool[0] == groups  # the groups' threads did the work
+        frames = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(6)) * 2 - 1
+        ref_w = model.extract(frames)
+        for space, w in renderer.extract(frames).items():
+            torch.testing.assert_close(w, ref_w[space], atol=1e-4, rtol=0)
+        two = model.encode_identity(frames[:2])
+        w2 = {"expression": weights["expression"][:2], "pose": weights["pose"][:2]}
+        torch.testing.assert_close(renderer.render(two, w2), model.render(two, w2), atol=1e-4, rtol=0)
+    assert torch.get_num_threads() == threads
+
+
 def test_fast_render_with_styles_folded_into_weights(model: EDTalk, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every one-frame conv and transposed conv on the folded-weight branch (s and d in a per-call weight copy)."""
     import edtalk.fast as fast
