@@ -932,7 +932,8 @@ class FastRenderer:
     (on CPU). sparse_warp_min_size: from this resolution the warp is a sparse product instead of grid_sample (CPU).
     retain_memory: call `retain_freed_memory()` (process-wide; see there). frame_groups: on CPU, how many groups
     of a call's frames run concurrently, each in its own thread with torch.get_num_threads() // frame_groups
-    threads (None: one group per torch thread, at most one per frame; 1: all frames in the calling thread).
+    threads (None: one group per torch thread, at most one per frame; 1: all frames in the calling thread); the
+    n % frame_groups frames left over run after them on all threads.
     """
 
     def __init__(
@@ -1125,27 +1126,31 @@ class FastRenderer:
             return self._in_groups(frames, n, cpu).contiguous()
 
     def _in_groups(self, fn, n: int, cpu: bool) -> torch.Tensor:
-        """torch.cat of fn(rows) over contiguous groups of the n frames, the groups run concurrently, each in a
-        thread of its own with its share of torch's threads (CPU; see `frame_groups`)."""
+        """torch.cat of fn(rows) over contiguous rows of the n frames: on CPU `groups` equal groups run
+        concurrently, each in a thread of its own with its share of torch's threads (see `frame_groups`); the
+        frames left over (n % groups) run afterwards in the calling thread on all of them, so no group waits on a
+        longer one (3 frames in 2 groups of 2 and 1 would take two frames' time at half the threads)."""
         groups = self.options["frame_groups"]
         threads = torch.get_num_threads()
         groups = min(n, threads if groups is None else groups) if cpu else 1
         if groups <= 1:
             return fn(slice(0, n))
-        per = max(1, threads // groups)
-        bounds = [n * k // groups for k in range(groups + 1)]
+        per, size = max(1, threads // groups), n // groups
 
         def run(k: int) -> torch.Tensor:
             torch.set_num_threads(per)  # this thread's OpenMP team only; the caller's stays as it is
             with torch.inference_mode():
-                return fn(slice(bounds[k], bounds[k + 1]))
+                return fn(slice(k * size, (k + 1) * size))
 
         if self._pool is None or self._pool[0] != groups or self._pool[2] != os.getpid():
             if self._pool is not None and self._pool[2] == os.getpid():
                 self._pool[1].shutdown()
             # (a forked child inherits the pool object but not its threads: it makes its own)
             self._pool = (groups, ThreadPoolExecutor(groups, thread_name_prefix="edtalk-render"), os.getpid())
-        return torch.cat(list(self._pool[1].map(run, range(groups))))
+        outs = list(self._pool[1].map(run, range(groups)))
+        if groups * size < n:
+            outs.append(fn(slice(groups * size, n)))
+        return torch.cat(outs)
 
 
 def prepared_conv_available() -> bool:
