@@ -19,7 +19,7 @@ emotion's mean weights). Rounds alternate the paths so all see the same machine 
 The fast renderer's one-off costs (building the weight snapshot, the first call's oneDNN weight prepacking) are
 measured separately (`prepare_ms`, `first_render_ms`) and not in the per-frame times.
 
-Usage: python bench/model.py [--frames 8] [--rounds 3]
+Usage: python bench/model.py [--frames 8] [--rounds 5]
 Writes bench/results/model.json.
 """
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=8, help="frames rendered per round and path")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds of all paths (median reported)"
+        "--rounds", type=int, default=5, help="alternating rounds of all paths (median reported)"
     )
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast path")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
