@@ -1147,7 +1147,12 @@ class FastRenderer:
                 self._pool[1].shutdown()
             # (a forked child inherits the pool object but not its threads: it makes its own)
             self._pool = (groups, ThreadPoolExecutor(groups, thread_name_prefix="edtalk-render"), os.getpid())
-        outs = list(self._pool[1].map(run, range(groups)))
+        try:
+            outs = list(self._pool[1].map(run, range(groups)))
+        finally:
+            # torch.set_num_threads also stores the count that threads started later take (and pthreadpool's):
+            # set it back to the caller's, or every new thread of the process would get one thread.
+            torch.set_num_threads(threads)
         if groups * size < n:
             outs.append(fn(slice(groups * size, n)))
         return torch.cat(outs)

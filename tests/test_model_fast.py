@@ -4,6 +4,8 @@ expression, batches, a non-trivial warp), and its rebuild after a weight change.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,7 +194,9 @@ def test_fast_render_in_concurrent_frame_groups(model: EDTalk, groups: int) -> N
         for w in (weights, clip):
             torch.testing.assert_close(renderer.render(ident, w), model.render(ident, w), atol=1e-4, rtol=0)
         if groups > 1:
-            assert renderer._pool is not None and renderer._pool[0] == groups  # the groups' threads did the work
+            assert (
+                renderer._pool is not None and renderer._pool[0] == groups
+            )  # the groups' threads did the work
         frames = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(6)) * 2 - 1
         ref_w = model.extract(frames)
         for space, w in renderer.extract(frames).items():
@@ -201,6 +205,16 @@ def test_fast_render_in_concurrent_frame_groups(model: EDTalk, groups: int) -> N
         w2 = {"expression": weights["expression"][:2], "pose": weights["pose"][:2]}
         torch.testing.assert_close(renderer.render(two, w2), model.render(two, w2), atol=1e-4, rtol=0)
     assert torch.get_num_threads() == threads
+    seen = []
+
+    def new_thread() -> None:
+        torch.ones(512, 512).sum()  # a parallel op: a new thread takes its thread count here
+        seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=new_thread)
+    t.start()
+    t.join()
+    assert seen == [threads]  # the groups' own counts did not leak into threads started later
 
 
 def test_fast_render_with_styles_folded_into_weights(model: EDTalk, monkeypatch: pytest.MonkeyPatch) -> None:
