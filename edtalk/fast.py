@@ -22,10 +22,11 @@ form:
 - the flow head's blend as one lerp, and the mask applied after the (linear, per-pixel) ToRGB instead of before;
 - the EEM's conv2 bias dropped (the instance norm that follows removes it), instance norm + AdaIN + residual as
   one per-channel affine, its identity-only half once per identity;
-- on CPU the frames of a call split into as many groups as torch has threads (up to the frame count), run
-  concurrently, each in a thread of its own on one share of the threads; within a group the coarse levels run
-  as one batch, the fine ones frame by frame (cache-sized). Each core then keeps its own frame's maps in its
-  cache, and the memory-bound passes no longer synchronise two cores per op;
+- on CPU the frames of a call split into as many equal groups as torch has threads (up to the frame count), run
+  concurrently, each in a thread of its own on one share of the threads (the leftover frames after them, on all
+  threads); within a group the coarse levels run as one batch, the fine ones frame by frame (cache-sized). Each
+  core then keeps its own frame's maps in its cache, and the memory-bound passes no longer synchronise two cores
+  per op;
 - glibc malloc told to keep freed memory (`retain_freed_memory`), so the per-frame activations are not
   page-faulted in afresh every frame.
 
