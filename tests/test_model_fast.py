@@ -184,8 +184,8 @@ def test_fast_render_equals_eager_render(model: EDTalk, options: dict) -> None:
 @pytest.mark.parametrize("groups", [1, 2, 3])
 def test_fast_render_in_concurrent_frame_groups(model: EDTalk, groups: int) -> None:
     """Frames split into groups that run in threads of their own (frame_groups): the same images and driving
-    weights as the eager model, for per-frame and clip expressions and an identity batch, and the caller's torch
-    thread count is left as it was."""
+    weights as the eager model, for per-frame and clip expressions and an identity batch; torch's thread count is
+    left as it was, for the caller and for threads started later."""
     renderer = FastRenderer(model, frame_groups=groups)
     ident, weights = _inputs(model, 5)
     clip = {**weights, "expression": weights["expression"][:1].expand(5, -1)}
@@ -193,10 +193,9 @@ def test_fast_render_in_concurrent_frame_groups(model: EDTalk, groups: int) -> N
     with torch.no_grad():
         for w in (weights, clip):
             torch.testing.assert_close(renderer.render(ident, w), model.render(ident, w), atol=1e-4, rtol=0)
-        if groups > 1:
-            assert (
-                renderer._pool is not None and renderer._pool[0] == groups
-            )  # the groups' threads did the work
+        if groups > 1:  # the groups' threads did the work
+            assert renderer._pool is not None
+            assert renderer._pool[0] == groups
         frames = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(6)) * 2 - 1
         ref_w = model.extract(frames)
         for space, w in renderer.extract(frames).items():
