@@ -8,7 +8,8 @@ fast:  the identity encoded and prepared once (cached, as for a clip; its one-of
        throughout, folded scales and gains, oneDNN convs and transposed convs on prepacked weights with bias +
        leaky ReLU fused, styles folded into small weights, Winograd F(4x4, 3x3) in cache-sized chunks for the
        3x3 convs with >= 128 channels at 16..128 px, the warp as a sparse product, fewer elementwise passes; the
-       coarse levels of all frames as one batch, the fine ones frame by frame). fp32.
+       frames in concurrent groups, one per torch thread, each with its coarse levels as one batch and its fine
+       ones frame by frame). fp32.
 fast_eager: the previous fast path, for reference: identity cached, EDTalk.render under inference_mode, one frame
        per call.
 fast_bf16: fast_eager under CPU bf16 autocast (AMX/AVX512-BF16 where present), reported with its own error.

@@ -759,15 +759,16 @@ def _var_mean(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(frame, channel) biased variance and mean over H, W of a channels-last y, as E[y^2] - E[y]^2.
 
     Reductions that run along the contiguous channels: torch.linalg.vector_norm over H, W of channels-last memory
-    is ~8x slower. For a few channels over many pixels the sums of squares come from the Gram matrix Y^T Y of
-    the (pixels, channels) view (one GEMM, ~2x faster than squaring and summing at 64 channels x 256^2 px). The
-    shifted two-pass form is not needed: the relative error is ~1e-7 * E[y^2] / var, and an instance norm's input
-    (a convolution output) is not dominated by its mean; tests compare against F.instance_norm."""
+    is ~8x slower. The sums of squares are a vecdot of the (pixels, channels) view with itself, as in
+    winograd_conv3x3's moments (no squared copy; at 64 channels x 256^2 px 1.35 ms against 2.3 ms for the diagonal
+    of a Gram GEMM, 2 threads). The shifted two-pass form is not needed: the relative error is ~1e-7 * E[y^2] /
+    var, and an instance norm's input (a convolution output) is not dominated by its mean; tests compare against
+    F.instance_norm."""
     b, c, h, w = y.shape
     mean = y.mean(dim=(2, 3))
-    if c <= 64 and y.is_contiguous(memory_format=torch.channels_last) and y.device.type == "cpu":
+    if y.is_contiguous(memory_format=torch.channels_last):
         rows = y.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        sq = torch.bmm(rows.transpose(1, 2), rows).diagonal(dim1=1, dim2=2) / (h * w)
+        sq = torch.linalg.vecdot(rows, rows, dim=1) / (h * w)
     else:
         sq = y.square().mean(dim=(2, 3))
     return (sq - mean.square()).clamp_(min=0.0), mean
@@ -1093,17 +1094,15 @@ class FastRenderer:
             # computing it (while its 256 px map is still in cache).
             last_feat = constant[-1] if constant is not None else feats[-1]
 
+            # Coarse levels batch a group's frames (their weights are read once for all); from the first level
+            # above batch_max_size each frame runs alone, its activations staying in cache (CPU).
+            big = [i for i, lv in enumerate(gen.levels) if lv["size"] > self.options["batch_max_size"]]
+            first_alone = big[0] if big and cpu else levels
+
             def frames(rows: slice) -> torch.Tensor:
                 sty = [(sv[rows], None if d is None else d[rows]) for sv, d in styles]
                 state = gen.start(sty)
-                split = levels
-                if rows.stop - rows.start > 1 and cpu:
-                    # Coarse levels batch the group's frames (their weights are read once for all); from the
-                    # first level above batch_max_size each frame runs alone, its activations staying in cache.
-                    big = [
-                        i for i, lv in enumerate(gen.levels) if lv["size"] > self.options["batch_max_size"]
-                    ]
-                    split = big[0] if big else levels
+                split = first_alone if rows.stop - rows.start > 1 else levels
                 for i in range(split):
                     state = gen.level(i, state, sty, feature(i, rows))
                 if split == levels:
@@ -1126,6 +1125,15 @@ class FastRenderer:
 
             return self._in_groups(frames, n, cpu).contiguous()
 
+    def _executor(self, groups: int) -> ThreadPoolExecutor:
+        """The renderer's thread pool for `groups` groups, kept across calls (self._pool = (groups, pool, pid))."""
+        if self._pool is None or self._pool[0] != groups or self._pool[2] != os.getpid():
+            if self._pool is not None and self._pool[2] == os.getpid():
+                self._pool[1].shutdown()
+            # (a forked child inherits the pool object but not its threads: it makes its own)
+            self._pool = (groups, ThreadPoolExecutor(groups, thread_name_prefix="edtalk-render"), os.getpid())
+        return self._pool[1]
+
     def _in_groups(self, fn, n: int, cpu: bool) -> torch.Tensor:
         """torch.cat of fn(rows) over contiguous rows of the n frames: on CPU `groups` equal groups run
         concurrently, each in a thread of its own with its share of torch's threads (see `frame_groups`); the
@@ -1143,13 +1151,8 @@ class FastRenderer:
             with torch.inference_mode():
                 return fn(slice(k * size, (k + 1) * size))
 
-        if self._pool is None or self._pool[0] != groups or self._pool[2] != os.getpid():
-            if self._pool is not None and self._pool[2] == os.getpid():
-                self._pool[1].shutdown()
-            # (a forked child inherits the pool object but not its threads: it makes its own)
-            self._pool = (groups, ThreadPoolExecutor(groups, thread_name_prefix="edtalk-render"), os.getpid())
         try:
-            outs = list(self._pool[1].map(run, range(groups)))
+            outs = list(self._executor(groups).map(run, range(groups)))
         finally:
             # torch.set_num_threads also stores the count that threads started later take (and pthreadpool's):
             # set it back to the caller's, or every new thread of the process would get one thread.

@@ -218,8 +218,6 @@ def test_fast_render_in_concurrent_frame_groups(model: EDTalk, groups: int) -> N
 
 def test_fast_render_with_styles_folded_into_weights(model: EDTalk, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every one-frame conv and transposed conv on the folded-weight branch (s and d in a per-call weight copy)."""
-    import edtalk.fast as fast
-
     monkeypatch.setattr(fast, "FOLD_RATIO", 0)
     ident, weights = _inputs(model, 2)
     with torch.no_grad():
