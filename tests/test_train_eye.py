@@ -104,7 +104,9 @@ def test_eye_stage_end_to_end(tiny_data, tracking, tmp_path):
     metrics = run_stage("eye", PARAMS, stage_overrides(tiny_data, tmp_path, **{"eye.steps": 2}))
 
     assert metrics["steps"] == 2 and metrics["workers"] == 1
-    assert {"loss", "rec", "per", "adv", "self", "fea", "d_loss", "orthogonality"} <= set(metrics["losses"])
+    assert {"loss", "rec", "per", "adv", "self", "fea", "d_loss", "orthogonality", "spread_eye"} <= set(
+        metrics["losses"]
+    )
     assert {"rec", "fea"} <= set(metrics["val_losses"])
     check_run(metrics, "eye", "mouth_pose", upstream_run, tmp_path, tracking)
 

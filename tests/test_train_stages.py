@@ -34,7 +34,7 @@ def test_autoencoder_then_mouth_pose_with_lineage(trained_chain):
     model = EDTalk.from_pretrained(out / "models" / "autoencoder")  # the edtalk API alone, no Ray/DeepSpeed
     assert model.discriminator is not None
 
-    assert mp["steps"] == 2 and {"fea", "self", "rec"} <= set(mp["losses"])
+    assert mp["steps"] == 2 and {"fea", "self", "rec", "spread_mouth", "spread_pose"} <= set(mp["losses"])
 
     c = MlflowClient(trained_chain.tracking_uri)
     ae_run, mp_run = c.get_run(ae["run_id"]), c.get_run(mp["run_id"])

@@ -164,6 +164,36 @@ def test_region_l1_loss_is_the_mean_error_inside_the_mask():
         region_l1_loss(a, b, top[:, 0])
 
 
+def test_motion_spread_and_the_swap_stages_spread_logs():
+    from pipelines.train.stages import mouth_pose
+    from pipelines.train.stages.swap import motion_spread, swap_losses
+
+    f = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0], [1.0, -3.0]])  # mean (1, 0)
+    assert float(motion_spread(f)) == pytest.approx((1 + 1 + 3 + 3) / 4)
+    assert float(motion_spread(f[:1].expand(5, -1))) == 0.0
+    with pytest.raises(ValueError, match="batch"):
+        motion_spread(f[:1])
+
+    # A real mouth_pose step's logs: one spread per space; an MLN whose head gives every frame the same weights
+    # (its last layer zeroed) logs a mouth spread of 0 while the pose spread stays.
+    torch.manual_seed(0)
+    p = mouth_pose.MouthPoseParams(perceptual_scales=(0.5,))
+    nets = mouth_pose.build({"preset": "tiny"}, p, {"autoencoder": ""})
+    s = nets.model.config.image_size
+    batch = {
+        k: torch.rand(2, 3, s, s) * 2 - 1 for k in ("frame_a", "frame_b", "frame_id", "a_on_b", "b_on_a")
+    }
+    batch.update({k: torch.rand(2, 1, s, s) for k in ("mask_on_a", "mask_on_b")})
+    t = swap_losses(nets, batch, mouth_pose.SWAPPED, mouth_pose.KEPT, (*mouth_pose.SWAPPED, *mouth_pose.KEPT))
+    assert float(t["spread_mouth"]) > 0 and float(t["spread_pose"]) > 0
+    last = nets.model.navigation.mouth.head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+    t = swap_losses(nets, batch, mouth_pose.SWAPPED, mouth_pose.KEPT, (*mouth_pose.SWAPPED, *mouth_pose.KEPT))
+    assert float(t["spread_mouth"]) == pytest.approx(0.0, abs=1e-6) and float(t["spread_pose"]) > 0
+    assert set(mouth_pose.step(nets, batch, p).logs) >= {"spread_mouth", "spread_pose", "loss"}
+
+
 def test_to_model_inputs_scales_and_resizes():
     batch = {
         "img": torch.full((2, 32, 32, 3), 255, dtype=torch.uint8),

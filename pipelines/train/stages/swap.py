@@ -82,6 +82,12 @@ def swap_losses(
         + losses.feature_loss(f["ba"][s], f["b" if s in swapped else "a"][s])
         for s in spaces
     )
+    # How far each space's motion spreads over the batch's real frames (a and b): the sign of a collapse is the
+    # swapped space's spread falling towards 0 while the kept ones' stays (docs/training.md, "Reading the logs").
+    with torch.no_grad():
+        moved = model.navigation.motion(
+            {s: torch.cat([c["w"]["a"][s], c["w"]["b"][s]]) for s in (*swapped, *kept)}, bases
+        )
     return {
         "rec": rec,
         "per": per,
@@ -89,9 +95,19 @@ def swap_losses(
         "self": self_rec,
         "fea": fea,
         "region": region,
+        **{f"spread_{s}": motion_spread(v) for s, v in moved.items()},
         "real": torch.cat([a, b]),
         "fake": fakes,
     }
+
+
+def motion_spread(f: torch.Tensor) -> torch.Tensor:
+    """Mean distance of a batch of motion vectors f^{r->s} (B, D) from their mean: 0 when a space's navigation
+    gives every frame the same motion."""
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"motion_spread needs a (B>=2, D) batch of motions, got {tuple(f.shape)}")
+    f = f.detach().float()
+    return (f - f.mean(0, keepdim=True)).norm(dim=1).mean()
 
 
 def swap_step(
@@ -113,5 +129,6 @@ def swap_step(
         + p.w_region * t["region"]
     )
     logs = {"loss": loss, **{k: t[k] for k in ("rec", "per", "adv", "self", "fea", "region")}}
+    logs.update({k: v for k, v in t.items() if k.startswith("spread_")})
     logs["orthogonality"] = torch.tensor(nets.model.orthogonality_error())
     return StepOut(loss, logs, real=t["real"], fake=t["fake"])
