@@ -83,7 +83,7 @@ def swap_losses(
         for s in spaces
     )
     # How far each space's motion spreads over the batch's real frames (a and b): the sign of a collapse is the
-    # swapped space's spread falling towards 0 while the kept ones' stays (docs/training.md, "Reading the logs").
+    # swapped space's spread falling towards 0 while the kept ones' stays (docs/training.md, "Swap stages' health").
     with torch.no_grad():
         moved = model.navigation.motion(
             {s: torch.cat([c["w"]["a"][s], c["w"]["b"][s]]) for s in (*swapped, *kept)}, bases
