@@ -76,18 +76,13 @@ def swap_losses(
     # from (a_on_b: the swapped region of a, the kept spaces of b; b_on_a the other way round).
     spaces = tuple(swapped if feature_spaces is None else feature_spaces)
     bases = model.navigation.bases()
-    f = {k: model.navigation.motion({s: c["w"][k][s] for s in spaces}, bases) for k in c["w"]}
+    # every space the stage renders (c["w"][k] holds them all): the loss takes `spaces`, the spread logs all
+    f = {k: model.navigation.motion(c["w"][k], bases) for k in c["w"]}
     fea = sum(
         losses.feature_loss(f["ab"][s], f["a" if s in swapped else "b"][s])
         + losses.feature_loss(f["ba"][s], f["b" if s in swapped else "a"][s])
         for s in spaces
     )
-    # How far each space's motion spreads over the batch's real frames (a and b): the sign of a collapse is the
-    # swapped space's spread falling towards 0 while the kept ones' stays (docs/training.md, "Swap stages' health").
-    with torch.no_grad():
-        moved = model.navigation.motion(
-            {s: torch.cat([c["w"]["a"][s], c["w"]["b"][s]]) for s in (*swapped, *kept)}, bases
-        )
     return {
         "rec": rec,
         "per": per,
@@ -95,7 +90,10 @@ def swap_losses(
         "self": self_rec,
         "fea": fea,
         "region": region,
-        **{f"spread_{s}": motion_spread(v) for s, v in moved.items()},
+        # How far each space's motion spreads over the batch's real frames (a and b): the sign of a collapse is the
+        # swapped space's spread falling towards 0 while the kept ones' stays (docs/training.md, "Swap stages'
+        # health").
+        **{f"spread_{s}": motion_spread(torch.cat([f["a"][s], f["b"][s]])) for s in (*swapped, *kept)},
         "real": torch.cat([a, b]),
         "fake": fakes,
     }
