@@ -39,30 +39,68 @@ INSTALL_HINT = "run `sudo infra/ci/install-services.sh` (Debian/Ubuntu: apt-get 
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now (the kernel's pick: always inside its ephemeral range)."""
+    return free_ports(1)[0]
+
+
+def free_ports(k: int) -> list[int]:
+    """k distinct TCP ports free on 127.0.0.1 right now: all held open together while the kernel picks them, so
+    no two are the same (k separate free_port() calls may return one port twice)."""
+    socks = [socket.socket() for _ in range(k)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range, first and last (the ports bind(0) hands out)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_RANGES: set[int] = set()  # bases of the port ranges free_port_range has handed out and not yet had back
 
 
 def free_port_range(n: int) -> int:
-    """The first of n consecutive free loopback ports (Ray wants worker port ranges)."""
+    """The first of n consecutive free loopback ports (Ray wants worker port ranges): outside the kernel's
+    ephemeral range, so that no port a process binds to 0 (every free_port(), Ray's own "random" ports) can
+    ever fall inside it; above Ray's default worker range (10002-19999, which a plain local ray.init() in the
+    same session uses); and overlapping no range handed out before and not released (release_port_range)."""
     rng = secrets.SystemRandom()
+    eph_low, eph_high = _ephemeral_range()
+    # Where a range of n fits: between Ray's default worker range and the ephemeral range, else above the latter.
+    spans = [(lo, hi) for lo, hi in ((20000, eph_low - n), (eph_high + 1, 65536 - n)) if hi > lo]
+    if not spans:
+        raise RuntimeError(f"no room for {n} ports outside the ephemeral range {eph_low}-{eph_high}")
     for _ in range(200):
-        base = rng.randrange(20000, 40000)
+        base = rng.randrange(*rng.choice(spans))
+        if any(abs(base - other) < n for other in _RANGES):
+            continue
         socks = []
         try:
             for p in range(base, base + n):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", p))
-            return base
         except OSError:
             continue
         finally:
             for s in socks:
                 s.close()
-    raise RuntimeError(f"no range of {n} free ports found on 127.0.0.1")
+        _RANGES.add(base)
+        return base
+    raise RuntimeError(f"no range of {n} free ports found on 127.0.0.1 in {spans} (first ports)")
+
+
+def release_port_range(base: int) -> None:
+    _RANGES.discard(base)
 
 
 @dataclass
@@ -486,26 +524,32 @@ class RayCluster:
 WORKER_PORTS = 256  # per node (Ray's default range is ~10,000 ports)
 
 
-def _ray_node_cmd(temp_dir: Path, head: bool, gcs_port: int, resources: dict, cpus: int = 1) -> list[str]:
+def _ray_node_cmd(
+    temp_dir: Path, head: bool, gcs_port: int, resources: dict, workers: int, cpus: int = 1
+) -> list[str]:
     # Two raylets on one host need distinct ports for everything a node listens on. Every worker process holds
-    # one port of its node's range while it lives, and a raylet whose range is used up fails worker starts ("No
-    # available ports"), which surfaces as "worker startup repeatedly failed": a training job's actors, Ray Data
-    # tasks and the idle workers kept for reuse need more than a few dozen over a session.
-    workers = free_port_range(WORKER_PORTS)
+    # one port of its node's range (`workers`, from free_port_range) while it lives, and a raylet whose range is
+    # used up fails worker starts ("No available ports"), which surfaces as "worker startup repeatedly failed": a
+    # training job's actors, Ray Data tasks and the idle workers kept for reuse need more than a few dozen over a
+    # session. The single ports come from the kernel's ephemeral range, which the worker ranges stay below: Ray
+    # refuses to start a node one of whose ports lies inside its worker range.
+    # The GCS's port is not bound yet (the head binds it): keep clear of it.
+    ports = [p for p in free_ports(8) if p != gcs_port][:7]
+    node_manager, object_manager, agent_http, agent_grpc, runtime_env, metrics, dashboard = ports
     cmd = [
         str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
         "--num-cpus", str(cpus), "--num-gpus", "0", "--resources", json.dumps(resources),
         "--object-store-memory", str(256 * 1024**2),
-        "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+        "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
         "--min-worker-port", str(workers), "--max-worker-port", str(workers + WORKER_PORTS - 1),
-        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
     ]  # fmt: skip
     if head:
         # --temp-dir (head only) keeps this cluster's address file out of /tmp/ray, so other engineers' plain
         # ray.init() never finds and joins it.
         cmd += ["--head", "--port", str(gcs_port), "--temp-dir", str(temp_dir), "--include-dashboard", "false",
-                "--dashboard-port", str(free_port())]  # fmt: skip
+                "--dashboard-port", str(dashboard)]  # fmt: skip
     else:
         cmd += ["--address", f"127.0.0.1:{gcs_port}"]
     return cmd
@@ -526,19 +570,22 @@ def local_ray_cluster(
     cluster = RayCluster(f"127.0.0.1:{gcs_port}", secrets.token_hex(32), temp_dir)
     env.update(cluster.auth_env())
     expected = ["head_node", "worker_node"] if worker_node else ["head_node"]
+    ranges: list[int] = []
     try:
+        ranges.append(free_port_range(WORKER_PORTS))
         head = start(
             "Ray head",
-            _ray_node_cmd(temp_dir, True, gcs_port, {"head_node": 1}, cpus),
+            _ray_node_cmd(temp_dir, True, gcs_port, {"head_node": 1}, ranges[-1], cpus),
             temp_dir / "head.out",
             env=env,
         )
         cluster.procs.append(head)
         wait_until(lambda: (temp_dir / "ray_current_cluster").exists(), 90, head, "head node up")
         if worker_node:
+            ranges.append(free_port_range(WORKER_PORTS))
             worker = start(
                 "Ray worker node",
-                _ray_node_cmd(temp_dir, False, gcs_port, {"worker_node": 1}, cpus),
+                _ray_node_cmd(temp_dir, False, gcs_port, {"worker_node": 1}, ranges[-1], cpus),
                 temp_dir / "worker.out",
                 env=env,
             )
@@ -561,6 +608,8 @@ def local_ray_cluster(
             proc.stop(grace=10)
         kill_leftovers({proc.popen.pid for proc in cluster.procs}, str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
+        for base in ranges:
+            release_port_range(base)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,40 @@ BIN = Path(sys.executable).parent
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
+def _flag_ports(cmd: list[str]) -> dict[str, int]:
+    return {
+        flag: int(cmd[i + 1]) for i, flag in enumerate(cmd) if flag.endswith("-port") and cmd[i + 1].isdigit()
+    }
+
+
+def test_two_nodes_ports_never_clash(tmp_path):
+    # Ray refuses to start a node with one of its ports inside its own worker range ("... is trying to use a port
+    # number ... that is used by other components"): a CI run once lost the cluster tests to one such draw. Over
+    # many draws: every single port of a node distinct (and not the GCS's) and outside both worker ranges, the ranges apart.
+    from services import WORKER_PORTS, _ray_node_cmd, free_port, free_port_range, release_port_range
+
+    for _ in range(100):
+        head_range, worker_range = free_port_range(WORKER_PORTS), free_port_range(WORKER_PORTS)
+        try:
+            gcs = free_port()
+            head = _flag_ports(_ray_node_cmd(tmp_path, True, gcs, {"head_node": 1}, head_range))
+            worker = _flag_ports(_ray_node_cmd(tmp_path, False, gcs, {"worker_node": 1}, worker_range))
+            assert head.pop("--min-worker-port") == head_range
+            assert worker.pop("--min-worker-port") == worker_range
+            assert head.pop("--max-worker-port") == head_range + WORKER_PORTS - 1
+            assert worker.pop("--max-worker-port") == worker_range + WORKER_PORTS - 1
+            assert abs(head_range - worker_range) >= WORKER_PORTS
+            singles = [gcs, *head.values(), *worker.values()]
+            assert head["--port"] == gcs and len(singles) == 1 + 8 + 6
+            assert len(set(head.values())) == 8 and len(set([gcs, *worker.values()])) == 7
+            for port in singles:
+                for base in (head_range, worker_range):
+                    assert not base <= port < base + WORKER_PORTS, (port, base)
+        finally:
+            release_port_range(head_range)
+            release_port_range(worker_range)
+
+
 def test_tasks_run_on_both_nodes(ray_cluster):
     nodes = ray_cluster.node_ids()
     assert set(nodes) == {"head", "worker"} and nodes["head"] != nodes["worker"]
