@@ -531,7 +531,7 @@ def _ray_node_cmd(
     # one port of its node's range (`workers`, from free_port_range) while it lives, and a raylet whose range is
     # used up fails worker starts ("No available ports"), which surfaces as "worker startup repeatedly failed": a
     # training job's actors, Ray Data tasks and the idle workers kept for reuse need more than a few dozen over a
-    # session. The single ports come from the kernel's ephemeral range, which the worker ranges stay below: Ray
+    # session. The single ports come from the kernel's ephemeral range, which the worker ranges stay out of: Ray
     # refuses to start a node one of whose ports lies inside its worker range.
     # The GCS's port is not bound yet (the head binds it): keep clear of it.
     ports = [p for p in free_ports(8) if p != gcs_port][:7]

@@ -27,7 +27,8 @@ def _flag_ports(cmd: list[str]) -> dict[str, int]:
 def test_two_nodes_ports_never_clash(tmp_path):
     # Ray refuses to start a node with one of its ports inside its own worker range ("... is trying to use a port
     # number ... that is used by other components"): a CI run once lost the cluster tests to one such draw. Over
-    # many draws: every single port of a node distinct (and not the GCS's) and outside both worker ranges, the ranges apart.
+    # many draws: every single port of a node distinct (and not the GCS's) and outside both worker ranges, the
+    # ranges apart.
     from services import WORKER_PORTS, _ray_node_cmd, free_port, free_port_range, release_port_range
 
     for _ in range(100):

@@ -80,12 +80,13 @@ full_only = pytest.mark.skipif(not FULL, reason="needs the full budget: EDTALK_L
 # in a plain loop with the stages' own build/step, docs/training.md "Why MLN collapses"): the autoencoder does not
 # render a mouth-only change. For pose-matched open/closed pairs (`mouth_change` below), 64-71% of the real change's
 # energy lies inside the mouth, but the autoencoder's renders of the two frames differ there by 0.6-0.8% of it
-# through run_stage (plain loop 0.3-0.4%; 1.1-5.4% after 4000 steps; every autoencoder curriculum tried: 0-5.4%). So its motion code has no mouth for
-# MLN to cut out, the cross-reconstruction's optimum is a constant MLN (its `spread_mouth` log falls while
-# `spread_pose` grows) with PLN taking all motion (pose swap: 0.02-0.04 of its change inside the mouth, fine),
-# and audio_lip regresses those constant targets. Also tried: the mouth-region terms (autoencoder.w_mouth,
-# mouth_pose.w_region), generator.paint_scales, mouth-directed autoencoder pairs (autoencoder.mouth_contrast,
-# mouth_swap), 4000 autoencoder steps, E and G trained in mouth_pose, an in-batch contrastive feature loss.
+# through run_stage (plain loop 0.3-0.4%; 1.1-5.4% after 4000 steps; every autoencoder curriculum tried: 0-5.4%).
+# So its motion code has no mouth for MLN to cut out, the cross-reconstruction's optimum is a constant MLN (its
+# `spread_mouth` log falls while `spread_pose` grows) with PLN taking all motion (pose swap: 0.02-0.04 of its
+# change inside the mouth, fine), and audio_lip regresses those constant targets. Also tried: the mouth-region
+# terms (autoencoder.w_mouth, mouth_pose.w_region), generator.paint_scales, mouth-directed autoencoder pairs
+# (autoencoder.mouth_contrast, mouth_swap), 4000 autoencoder steps, E and G trained in mouth_pose, an in-batch
+# contrastive feature loss.
 # Through run_stage at these settings: mouth swap 0.069 inside (floor 0.6; pose swap 0.039), audio_lip R² 0.00
 # across the training speakers vs 0.56 for the untrained module (held-out speaker: 0.61 vs 0.68).
 KNOWN_FAILURE = (
