@@ -290,6 +290,16 @@ def mouth_mask(landmarks: np.ndarray, size: int, dilate: float = 0.35) -> np.nda
     return mask.astype(np.float64)
 
 
+def energy_map(x, y) -> np.ndarray:
+    """Per-pixel squared change between two images (3, S, S) -> (S, S) float64."""
+    return ((x - y) ** 2).sum(0).double().numpy()
+
+
+def share_inside(energy: np.ndarray, mask: np.ndarray) -> float:
+    """The share of an energy map that falls inside a (soft) mask."""
+    return float((energy * mask).sum() / max(energy.sum(), 1e-12))
+
+
 def pose_matched_pairs(seg: dict, count: int = 10, min_open_gap: float = 0.4) -> list[tuple[int, int]]:
     """(open, closed) frame pairs of one SynthTalk segment that differ mostly in the mouth: of the pairs whose
     `mouth_open` differs by more than `min_open_gap` and whose eyes agree (both blinks within 0.2), the `count`
@@ -322,13 +332,13 @@ def mouth_change(seg: dict, model=None) -> dict[str, float]:
     real, ae, energy = [], [], []
     for a, b in pairs:
         mask = mouth_mask(seg["landmarks"][b], size)
-        e_real = ((frames[a] - frames[b]) ** 2).sum(0).double().numpy()
-        real.append(float((e_real * mask).sum() / e_real.sum()))
+        e_real = energy_map(frames[a], frames[b])
+        real.append(share_inside(e_real, mask))
         if model is not None:
             with torch.no_grad():
                 r = model.reconstruct_lia(frames[:1].expand(2, -1, -1, -1), frames[[a, b]])
-            e_ae = ((r[0] - r[1]) ** 2).sum(0).double().numpy()
-            ae.append(float((e_ae * mask).sum() / max(e_ae.sum(), 1e-12)))
+            e_ae = energy_map(r[0], r[1])
+            ae.append(share_inside(e_ae, mask))
             energy.append(float((e_ae * mask).sum() / max((e_real * mask).sum(), 1e-12)))
     out = {"pairs": len(pairs), "real_inside": float(np.mean(real))}
     if model is not None:
@@ -344,10 +354,10 @@ def test_pose_matched_pairs_differ_mostly_in_the_mouth(learn_data):
         probe = mouth_change(seg)
         frames = images(seg["frames"])
         rng = np.random.default_rng(0)
-        rand = []
-        for a, b in rng.choice(len(frames), size=(10, 2), replace=False):
-            e = ((frames[a] - frames[b]) ** 2).sum(0).double().numpy()
-            rand.append(float((e * mouth_mask(seg["landmarks"][b], frames.shape[-1])).sum() / e.sum()))
+        rand = [
+            share_inside(energy_map(frames[a], frames[b]), mouth_mask(seg["landmarks"][b], frames.shape[-1]))
+            for a, b in rng.choice(len(frames), size=(10, 2), replace=False)
+        ]
         print(f"{seg['segment_id']}: {probe}; random pairs' real change inside the mouth {np.mean(rand):.3f}")
         assert probe["pairs"] == 10
         assert probe["real_inside"] >= 0.5 and probe["real_inside"] > 2 * np.mean(rand), (probe, rand)
@@ -396,7 +406,7 @@ def swap_energy(model, seg: dict, pairs: int = 8) -> dict[str, float]:
             base = model.render(ident, {"mouth": w["mouth"][i : i + 1], "pose": w["pose"][i : i + 1]})
             for space in ("mouth", "pose"):
                 swapped = {s: w[s][(j if s == space else i) : (j if s == space else i) + 1] for s in w}
-                energy = ((model.render(ident, swapped) - base) ** 2).sum(1)[0].double().numpy()
+                energy = energy_map(model.render(ident, swapped)[0], base[0])
                 inside[space][0] += float((energy * mask).sum())
                 inside[space][1] += float(energy.sum())
     return {
