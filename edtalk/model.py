@@ -229,16 +229,21 @@ class EDTalk(nn.Module):
             self.__dict__["_fast_renderer"] = cached
         return cached[1]
 
-    def reconstruct_lia(self, src: torch.Tensor, drv: torch.Tensor) -> torch.Tensor:
-        """Autoencoder stage: render src's identity with drv's motion through the single LIA bank."""
+    def reconstruct_lia(
+        self, src: torch.Tensor, drv: torch.Tensor, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Autoencoder stage: render src's identity with drv's motion through the single LIA bank (and, with
+        `return_weights`, also drv's LIA weights (B, lia_bases))."""
         self._check_images(src, "source image")
         self._check_images(drv, "driving image")
         latent, feats = self.encoder(src)
         drv_latent, _ = self.encoder(drv)
-        motion = self.lia.motion(self.lia.weights(drv_latent))
+        weights = self.lia.weights(drv_latent)
+        motion = self.lia.motion(weights)
         if latent.shape[0] != motion.shape[0]:
             latent = latent.expand(motion.shape[0], -1)
-        return self.generator(latent + motion, feats)
+        out = self.generator(latent + motion, feats)
+        return (out, weights) if return_weights else out
 
     def forward(
         self, identity_img: torch.Tensor, driving: torch.Tensor | Mapping[str, torch.Tensor]

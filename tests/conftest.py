@@ -97,6 +97,7 @@ def train_overrides(data: Path | str, out: Path | str, **extra) -> list[str]:
         "train.sample_every": 2,
         "autoencoder.steps": 4,
         "autoencoder.pairs_per_segment": 4,
+        "autoencoder.w_shape": 1.0,  # so the chain and the fault test train, checkpoint and drop an auxiliary head
         "mouth_pose.steps": 2,
         **extra,
     }

@@ -150,6 +150,82 @@ def test_frame_pairs_mouth_swap_changes_only_the_mouth():
         data.frame_pairs(4, seed=0, mouth_swap=-0.1)
 
 
+def _face_landmarks(opening: float, smile: float = 0.0) -> np.ndarray:
+    """68 points: eye centres at (-1, 0) and (1, 0), a 20-point mouth ring 1.5 below them, `opening` tall."""
+    lm = np.zeros((68, 2))
+    lm[36:42], lm[42:48] = [-1.0, 0.0], [1.0, 0.0]
+    ang = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+    lm[48:68] = np.stack([(0.8 + smile) * np.cos(ang), 1.5 + opening * np.sin(ang)], 1)
+    return lm
+
+
+def test_mouth_shape_keeps_the_mouth_and_drops_the_head():
+    base = data.mouth_shape(_face_landmarks(0.1))
+    assert base.shape == (40,) and base.dtype == np.float32
+    # the same face moved, turned 30 degrees and scaled 3x in the image: the same shape
+    th = np.deg2rad(30.0)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    moved = 3.0 * _face_landmarks(0.1) @ rot.T + [40.0, 25.0]
+    np.testing.assert_allclose(data.mouth_shape(moved), base, atol=1e-5)
+    # opening the mouth (by 0.3, eye distance 2, times 4) moves only the vertical coordinates in the eye-line
+    # frame, widening it only the horizontal ones
+    opened = data.mouth_shape(_face_landmarks(0.4)).reshape(20, 2)
+    wide = data.mouth_shape(_face_landmarks(0.1, smile=0.3)).reshape(20, 2)
+    b = base.reshape(20, 2)
+    assert (
+        np.abs(opened[:, 1] - b[:, 1]).max() == pytest.approx(4 * 0.3 / 2, abs=1e-5)
+        and np.abs(opened[:, 0] - b[:, 0]).max() < 1e-5
+    )
+    assert (
+        np.abs(wide[:, 0] - b[:, 0]).max() == pytest.approx(4 * 0.3 / 2, abs=1e-5)
+        and np.abs(wide[:, 1] - b[:, 1]).max() < 1e-5
+    )
+    # degenerate landmarks (both eyes on one point): zeros, not NaN
+    assert (data.mouth_shape(np.zeros((68, 2))) == 0).all()
+    # frame_pairs hands the driving frame's shape (frame k's mouth opens with k)
+    t = 5
+    lm = np.stack([_face_landmarks(0.1 * (k + 1)) * 4 + 16 for k in range(t)]).astype(np.float32)
+    row = {**_segment("seg-shape", t=t, size=32), "landmarks": lm.tobytes()}
+    for p in data.frame_pairs(4, seed=0, with_mouth_shape=True)(row):
+        k = int(round(p["driving"][0, 0, 0] / 20))  # frame k is filled with 20 * k
+        np.testing.assert_allclose(p["mouth_shape"], data.mouth_shape(lm[k]), atol=1e-6)
+    assert "mouth_shape" not in data.frame_pairs(1, seed=0)(row)[0]
+
+
+def test_autoencoder_shape_head_trains_with_the_model_and_is_not_exported(tmp_path):
+    from edtalk import EDTalk
+    from pipelines.train.stages import AUX_PREFIX, autoencoder, export_edtalk
+
+    torch.manual_seed(0)
+    p = autoencoder.AutoencoderParams(perceptual_scales=(0.5,), w_shape=2.0)
+    nets = autoencoder.build({"preset": "tiny"}, p, {})
+    head = getattr(nets.model, AUX_PREFIX + autoencoder.SHAPE_HEAD)
+    assert all(any(q is h for q in nets.trainable) for h in head.parameters())
+    s = nets.model.config.image_size
+    batch = {"source": torch.rand(3, 3, s, s) * 2 - 1, "driving": torch.rand(3, 3, s, s) * 2 - 1}
+    batch["mouth_shape"] = torch.randn(3, 40)
+    out = autoencoder.step(nets, batch, p)
+    plain = {k: v for k, v in out.logs.items() if k != "shape"}
+    total = plain["rec"] + plain["per"] + plain["adv"] + 2 * out.logs["shape"]
+    assert float(out.loss) == pytest.approx(float(total))
+    # centred in the batch: a shape offset shared by the whole batch costs nothing
+    shifted = autoencoder.step(nets, {**batch, "mouth_shape": batch["mouth_shape"] + 5.0}, p)
+    assert float(shifted.logs["shape"]) == pytest.approx(float(out.logs["shape"]), rel=1e-5)
+    # the shape term alone trains the head, E and the LIA bank's weight head, not G
+    out.logs["shape"].backward()
+
+    def grad(module) -> float:
+        return sum(float(q.grad.abs().sum()) for q in module.parameters() if q.grad is not None)
+
+    assert grad(head) > 0 and grad(nets.model.encoder) > 0 and grad(nets.model.lia) > 0
+    assert grad(nets.model.generator) == 0
+    export_edtalk(nets, tmp_path / "ae")
+    loaded = EDTalk.from_pretrained(tmp_path / "ae")
+    assert not any(k.startswith(AUX_PREFIX) for k in loaded.state_dict())
+    with pytest.raises(ValueError, match="loss weights"):
+        autoencoder.AutoencoderParams(w_shape=-1.0)
+
+
 def test_region_l1_loss_is_the_mean_error_inside_the_mask():
     from edtalk.losses import region_l1_loss
 

@@ -214,12 +214,29 @@ def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
     return np.linalg.norm(landmarks[:, 62] - landmarks[:, 66], axis=-1)
 
 
+def mouth_shape(landmarks: np.ndarray) -> np.ndarray:
+    """(68,2) landmarks -> (40,) float32: the 20 mouth points (48-67) about their centroid, in a frame turned so
+    the eye line is horizontal and scaled by the distance between the eye centres, times 4 (values of order 1).
+    What the mouth does, with the head's position, roll and size taken out."""
+    lm = np.asarray(landmarks, np.float64)
+    left, right = lm[36:42].mean(0), lm[42:48].mean(0)
+    axis = right - left
+    iod = float(np.linalg.norm(axis))
+    if not np.isfinite(iod) or iod < 1e-6:
+        return np.zeros(40, np.float32)
+    c, s = axis / iod
+    rot = np.array([[c, s], [-s, c]])  # rows: the eye line's direction and its normal
+    mouth = (lm[48:68] - lm[48:68].mean(0)) @ rot.T / iod
+    return (4.0 * mouth).reshape(-1).astype(np.float32)
+
+
 def frame_pairs(
     per_segment: int,
     seed: int,
     mouth_mask: bool = False,
     mouth_contrast: float = 0.0,
     mouth_swap: float = 0.0,
+    with_mouth_shape: bool = False,
 ) -> RowFn:
     """Segments -> (source, driving) frame pairs of one segment (autoencoder): `per_segment` pairs each. With
     `mouth_mask`, also the driving frame's feathered mouth-region mask (uint8 (S,S), from its landmarks). With
@@ -227,7 +244,8 @@ def frame_pairs(
     closed third and the other from its most open third (by `mouth_opening`, in random order); the rest are drawn
     uniformly. With `mouth_swap` > 0, that share (the last ones) drives with the source frame itself, the other
     frame's mouth pasted in (aligned, feathered: preprocessing.swaps.paste), so only the mouth differs; their
-    mouth mask is the pasted region's."""
+    mouth mask is the pasted region's. With `with_mouth_shape`, also the driving mouth's `mouth_shape` (float32
+    (40,), from the landmarks of the frame whose mouth it shows)."""
     for name, share in (("mouth_contrast", mouth_contrast), ("mouth_swap", mouth_swap)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"frame_pairs: {name} must be in [0, 1], got {share}")
@@ -240,7 +258,7 @@ def frame_pairs(
             if t < 2:
                 return
             rng = rng_for(seed, row["segment_id"])
-            need = mouth_mask or n_contrast > 0 or first_swap < per_segment
+            need = mouth_mask or with_mouth_shape or n_contrast > 0 or first_swap < per_segment
             landmarks = f32_array(row["landmarks"], (t, 68, 2)) if need else None
             closed = opened = None
             if n_contrast and t >= 3:
@@ -262,6 +280,8 @@ def frame_pairs(
                     sample["mouth_mask"] = (
                         mask if mask is not None else _region_mask(landmarks[j], "mouth", drv.shape[0])
                     )
+                if with_mouth_shape:
+                    sample["mouth_shape"] = mouth_shape(landmarks[j])
                 yield sample
 
         return _guarded("frame_pairs", row["segment_id"], gen)

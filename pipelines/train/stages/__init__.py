@@ -84,15 +84,33 @@ def edtalk_nets(
     return Nets(model=model, trainable=trainable, discriminator=disc, extras=dict(extras or {}))
 
 
+# Submodules a stage adds to the model for training only (auxiliary heads): trained in the model's engine and kept
+# in its checkpoints, left out of the exported model.
+AUX_PREFIX = "train_aux_"
+
+
+def add_aux_head(nets: Nets, name: str, module: nn.Module) -> nn.Module:
+    """Attach a training-only `module` to nets.model (as AUX_PREFIX + name) and train it with the model."""
+    nets.model.add_module(AUX_PREFIX + name, module)
+    module.requires_grad_(True)
+    nets.trainable.extend(module.parameters())
+    return module
+
+
 def export_edtalk(nets: Nets, folder) -> None:
-    """Write the trained model (with D put back) as an `EDTalk.save_pretrained` folder.
+    """Write the trained model (with D put back, without the auxiliary heads) as an `EDTalk.save_pretrained`
+    folder.
 
     DeepSpeed flattens parameters into shared buffers, which safetensors refuses to save; a fresh model loaded
     from cloned tensors has plain storage.
     """
     from edtalk import EDTalk
 
-    state = {k: v.detach().cpu().clone() for k, v in nets.model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().clone()
+        for k, v in nets.model.state_dict().items()
+        if not k.startswith(AUX_PREFIX)
+    }
     if nets.discriminator is not None:
         state.update(
             {

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.train import data
-from pipelines.train.stages import Nets, Stage, StepOut, edtalk_nets
+from pipelines.train.stages import AUX_PREFIX, Nets, Stage, StepOut, add_aux_head, edtalk_nets
+
+SHAPE_HEAD = "mouth_shape"  # the auxiliary head of w_shape: LIA weights -> data.mouth_shape (40 numbers)
 
 
 @dataclass
@@ -28,6 +30,9 @@ class AutoencoderParams:
     w_mouth: float = 0.0  # L1 inside the driving frame's mouth region (ours; 0 = paper)
     mouth_contrast: float = 0.0  # share of pairs: most closed vs most open third of mouths (ours; 0 = paper)
     mouth_swap: float = 0.0  # share of pairs: the source with the other's mouth pasted (ours; 0 = paper)
+    w_shape: float = (
+        0.0  # the driving frame's LIA weights regress its landmarks' mouth shape (ours; 0 = paper)
+    )
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
@@ -35,7 +40,7 @@ class AutoencoderParams:
         self.perceptual_scales = tuple(self.perceptual_scales)
         if self.steps < 1 or self.lr <= 0 or self.d_lr <= 0 or self.pairs_per_segment < 1:
             raise ValueError("autoencoder params: steps and pairs_per_segment must be >= 1, lr and d_lr > 0")
-        if min(self.w_rec, self.w_per, self.w_adv, self.w_mouth) < 0:
+        if min(self.w_rec, self.w_per, self.w_adv, self.w_mouth, self.w_shape) < 0:
             raise ValueError("autoencoder params: loss weights must be >= 0")
         if not (0.0 <= self.mouth_contrast <= 1.0 and 0.0 <= self.mouth_swap <= 1.0):
             raise ValueError("autoencoder params: mouth_contrast and mouth_swap must be in [0, 1]")
@@ -55,18 +60,22 @@ def samples(p: AutoencoderParams, seed: int) -> data.RowFn:
         mouth_mask=p.w_mouth > 0,
         mouth_contrast=p.mouth_contrast,
         mouth_swap=p.mouth_swap,
+        with_mouth_shape=p.w_shape > 0,
     )
 
 
 def build(model_section: dict, p: AutoencoderParams, upstream: dict[str, str]) -> Nets:
-    return edtalk_nets("autoencoder", model_section, None, {"perceptual": perceptual(p)})
+    nets = edtalk_nets("autoencoder", model_section, None, {"perceptual": perceptual(p)})
+    if p.w_shape > 0:
+        add_aux_head(nets, SHAPE_HEAD, torch.nn.Linear(nets.model.config.navigation.lia_bases, 2 * 20))
+    return nets
 
 
 def step(nets: Nets, batch: dict, p: AutoencoderParams) -> StepOut:
     from edtalk import losses
 
     src, drv = batch["source"], batch["driving"]
-    fake = nets.model.reconstruct_lia(src, drv)
+    fake, weights = nets.model.reconstruct_lia(src, drv, return_weights=True)
     rec = losses.l1_reconstruction_loss(fake, drv)
     per = nets.extras["perceptual"](fake, drv)
     adv = losses.generator_adversarial_loss(nets.discriminator(fake))
@@ -77,6 +86,16 @@ def step(nets: Nets, batch: dict, p: AutoencoderParams) -> StepOut:
         # open or close the mouth, and no later stage can then put a mouth into MLN (docs/training.md).
         logs["mouth"] = losses.region_l1_loss(fake, drv, batch["mouth_mask"])
         loss = loss + p.w_mouth * logs["mouth"]
+        logs["loss"] = loss
+    if p.w_shape > 0:
+        # Without it the LIA weights carry the head's pose and next to nothing of the mouth (R² of mouth_open from
+        # them below 0 after 1000 steps), so G never learns to render a mouth-only change and MLN later has no
+        # mouth to find (docs/training.md). Centred within the batch: the head then needs no bias, so its slow
+        # mean does not pull the weights early on.
+        head = getattr(nets.model, AUX_PREFIX + SHAPE_HEAD)
+        pred, target = head(weights), batch["mouth_shape"].to(weights.dtype)
+        logs["shape"] = torch.nn.functional.mse_loss(pred - pred.mean(0), target - target.mean(0))
+        loss = loss + p.w_shape * logs["shape"]
         logs["loss"] = loss
     return StepOut(loss, logs, real=drv, fake=fake)
 
