@@ -222,6 +222,8 @@ def test_autoencoder_shape_head_trains_with_the_model_and_is_not_exported(tmp_pa
     export_edtalk(nets, tmp_path / "ae")
     loaded = EDTalk.from_pretrained(tmp_path / "ae")
     assert not any(k.startswith(AUX_PREFIX) for k in loaded.state_dict())
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        autoencoder.step(nets, {k: v[:1] for k, v in batch.items()}, p)
     with pytest.raises(ValueError, match="loss weights"):
         autoencoder.AutoencoderParams(w_shape=-1.0)
 

@@ -30,9 +30,7 @@ class AutoencoderParams:
     w_mouth: float = 0.0  # L1 inside the driving frame's mouth region (ours; 0 = paper)
     mouth_contrast: float = 0.0  # share of pairs: most closed vs most open third of mouths (ours; 0 = paper)
     mouth_swap: float = 0.0  # share of pairs: the source with the other's mouth pasted (ours; 0 = paper)
-    w_shape: float = (
-        0.0  # the driving frame's LIA weights regress its landmarks' mouth shape (ours; 0 = paper)
-    )
+    w_shape: float = 0.0  # LIA weights -> landmark mouth shape, via a training-only head (ours; 0 = paper)
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
@@ -90,8 +88,12 @@ def step(nets: Nets, batch: dict, p: AutoencoderParams) -> StepOut:
     if p.w_shape > 0:
         # Without it the LIA weights carry the head's pose and next to nothing of the mouth (R² of mouth_open from
         # them below 0 after 1000 steps), so G never learns to render a mouth-only change and MLN later has no
-        # mouth to find (docs/training.md). Centred within the batch: the head then needs no bias, so its slow
-        # mean does not pull the weights early on.
+        # mouth to find (docs/training.md). Centred within the batch, so the head needs no bias: uncentred, the
+        # first few hundred steps went into the shape's mean (R² of mouth_open 0.4-0.7 at step 500, centred 0.9).
+        if weights.shape[0] < 2:
+            raise ValueError(
+                "autoencoder.w_shape > 0 needs train.batch_size >= 2 (its loss is centred within the batch)"
+            )
         head = getattr(nets.model, AUX_PREFIX + SHAPE_HEAD)
         pred, target = head(weights), batch["mouth_shape"].to(weights.dtype)
         logs["shape"] = torch.nn.functional.mse_loss(pred - pred.mean(0), target - target.mean(0))
