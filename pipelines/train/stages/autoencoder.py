@@ -65,7 +65,9 @@ def samples(p: AutoencoderParams, seed: int) -> data.RowFn:
 def build(model_section: dict, p: AutoencoderParams, upstream: dict[str, str]) -> Nets:
     nets = edtalk_nets("autoencoder", model_section, None, {"perceptual": perceptual(p)})
     if p.w_shape > 0:
-        add_aux_head(nets, SHAPE_HEAD, torch.nn.Linear(nets.model.config.navigation.lia_bases, 2 * 20))
+        add_aux_head(
+            nets, SHAPE_HEAD, torch.nn.Linear(nets.model.config.navigation.lia_bases, 2 * 20, bias=False)
+        )
     return nets
 
 
@@ -78,13 +80,12 @@ def step(nets: Nets, batch: dict, p: AutoencoderParams) -> StepOut:
     per = nets.extras["perceptual"](fake, drv)
     adv = losses.generator_adversarial_loss(nets.discriminator(fake))
     loss = p.w_rec * rec + p.w_per * per + p.w_adv * adv
-    logs = {"loss": loss, "rec": rec, "per": per, "adv": adv}
+    logs = {"rec": rec, "per": per, "adv": adv}
     if p.w_mouth > 0:
         # The mouth is a few percent of a tiny frame: without this term G learns to move the head but hardly to
         # open or close the mouth, and no later stage can then put a mouth into MLN (docs/training.md).
         logs["mouth"] = losses.region_l1_loss(fake, drv, batch["mouth_mask"])
         loss = loss + p.w_mouth * logs["mouth"]
-        logs["loss"] = loss
     if p.w_shape > 0:
         # Without it the LIA weights carry the head's pose and next to nothing of the mouth (R² of mouth_open from
         # them below 0 after 1000 steps), so G never learns to render a mouth-only change and MLN later has no
@@ -98,7 +99,7 @@ def step(nets: Nets, batch: dict, p: AutoencoderParams) -> StepOut:
         pred, target = head(weights), batch["mouth_shape"].to(weights.dtype)
         logs["shape"] = torch.nn.functional.mse_loss(pred - pred.mean(0), target - target.mean(0))
         loss = loss + p.w_shape * logs["shape"]
-        logs["loss"] = loss
+    logs["loss"] = loss
     return StepOut(loss, logs, real=drv, fake=fake)
 
 
