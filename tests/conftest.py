@@ -98,7 +98,9 @@ def train_overrides(data: Path | str, out: Path | str, **extra) -> list[str]:
         "autoencoder.steps": 4,
         "autoencoder.pairs_per_segment": 4,
         "autoencoder.w_shape": 1.0,  # so the chain and the fault test train, checkpoint and drop an auxiliary head
+        "autoencoder.local_frames": 4,  # the driver stores the mouth-local directions with the model ...
         "mouth_pose.steps": 2,
+        "mouth_pose.mouth_bases": "local",  # ... and mouth_pose holds its mouth bank there, inside DeepSpeed
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import TRAIN_PARAMS, train_overrides
 from safetensors.torch import load_file
 
@@ -68,6 +69,15 @@ def test_autoencoder_then_mouth_pose_with_lineage(trained_chain):
     b = load_file(out / "models" / "mouth_pose" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a if k.startswith(("encoder.", "generator.")))
     assert any(not (a[k] == b[k]).all() for k in a if k.startswith("navigation.mouth"))
+    # autoencoder.local_frames: the driver stored the generator's mouth-local directions with the autoencoder, and
+    # mouth_pose (mouth_bases=local) held its mouth bank at the first n_m of them through its DeepSpeed steps.
+    from pipelines.train import local_directions
+
+    dirs, shares = local_directions.load(str(out / "models" / "autoencoder"))
+    assert dirs.shape == (model.config.latent_dim, model.config.latent_dim)
+    assert bool((shares[:-1] >= shares[1:]).all()) and 0 <= float(shares[-1]) <= float(shares[0]) <= 1
+    bank = b["navigation.mouth.bank"]
+    assert torch.equal(bank, dirs[:, : bank.shape[1]])
 
 
 def test_fault_restart_matches_uninterrupted_run(trained_chain, tiny_data, tracking, tmp_path):

@@ -494,3 +494,96 @@ def test_sample_size_estimate_counts_matching_rows(tmp_path):
     )
     assert (n, size) == (3, 3 * 3 * 2 * 16 * 16 * 3)  # rows x pairs x 2 images of 16x16x3 uint8
     assert data.fits_cache(size, 1) and not data.fits_cache(size, 0) and not data.fits_cache(2**30, 1)
+
+
+def test_local_directions_rank_latent_moves_by_their_share_inside_the_mask():
+    from edtalk import EDTalk, ModelConfig
+    from pipelines.train.local_directions import generator_jacobian, local_directions
+
+    torch.manual_seed(0)
+    model = EDTalk(ModelConfig.from_params({"preset": "tiny"}))
+    s, d = model.config.image_size, model.config.latent_dim
+    ids, frames = torch.rand(2, 3, s, s) * 2 - 1, torch.rand(2, 3, s, s) * 2 - 1
+    mask = torch.zeros(2, 1, s, s)
+    mask[:, :, s // 2 :, s // 4 : 3 * s // 4] = 1.0  # a lower-centre block, where a mouth would be
+    dirs, shares = local_directions(model, ids, frames, mask)
+    assert dirs.shape == (d, d) and shares.shape == (d,)
+    assert torch.allclose(dirs.norm(dim=0), torch.ones(d), atol=1e-5)
+    assert (
+        bool((shares[:-1] >= shares[1:]).all())
+        and float(shares[-1]) >= -1e-6
+        and float(shares[0]) <= 1 + 1e-6
+    )
+
+    # the shares are what they say: re-measured from the Jacobians, the first direction's pooled in-mask share,
+    # and it beats random directions
+    def pooled_share(v: torch.Tensor) -> float:
+        inside = total = 0.0
+        for k in range(2):
+            latent, feats = model.encoder(ids[k : k + 1])
+            drv, _ = model.encoder(frames[k : k + 1])
+            code = (latent + model.lia.motion(model.lia.weights(drv)))[0].detach()
+            change = (generator_jacobian(model, code, feats) @ v).reshape(3, s, s)
+            inside += float((change**2 * mask[k]).sum())
+            total += float((change**2).sum())
+        return inside / total
+
+    with torch.no_grad():
+        assert pooled_share(dirs[:, 0]) == pytest.approx(float(shares[0]), rel=1e-3)
+        assert max(pooled_share(torch.randn(d)) for _ in range(3)) < float(shares[0])
+        # the whole frame as the mask: every move is all inside; an empty mask: none is
+        assert torch.allclose(
+            local_directions(model, ids, frames, torch.ones_like(mask))[1], torch.ones(d).double(), atol=1e-4
+        )
+        assert float(local_directions(model, ids, frames, torch.zeros_like(mask))[1].abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="masks"):
+        local_directions(model, ids, frames, mask[:, 0])
+
+
+def test_mouth_pose_holds_its_mouth_bases_at_the_stored_local_directions(tmp_path):
+    from edtalk import EDTalk, ModelConfig
+    from pipelines.train import local_directions
+    from pipelines.train.stages import autoencoder, mouth_pose
+
+    torch.manual_seed(0)
+    ae = EDTalk(ModelConfig.from_params({"preset": "tiny"}))
+    ae.save_pretrained(tmp_path / "ae")
+    d = ae.config.latent_dim
+    dirs = torch.randn(d, d)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    local_directions.save(tmp_path / "ae", dirs, torch.linspace(0.9, 0.1, d).double(), frames=4)
+    p = mouth_pose.MouthPoseParams(mouth_bases="local", perceptual_scales=(0.5,))
+    nets = mouth_pose.build({"preset": "tiny"}, p, {"autoencoder": str(tmp_path / "ae")})
+    nav = nets.model.navigation
+    bank = nav.space("mouth").bank
+    n = bank.shape[1]
+    assert torch.equal(bank, dirs[:, :n]) and not bank.requires_grad
+    assert all(q is not bank for q in nets.trainable) and any(
+        q is nav.space("mouth").head[0].weight for q in nets.trainable
+    )
+    with torch.no_grad():
+        q = nav.bases()
+    held = dirs[:, :n]
+    # Q^m spans exactly the held directions (mouth comes first in the Gram-Schmidt order); Q^p is orthogonal to them
+    assert torch.allclose(q["mouth"] @ (q["mouth"].t() @ held), held, atol=1e-4)
+    assert float((q["pose"].t() @ held).abs().max()) < 1e-4
+    # a training step leaves the bank alone
+    s = nets.model.config.image_size
+    batch = {
+        k: torch.rand(2, 3, s, s) * 2 - 1 for k in ("frame_a", "frame_b", "frame_id", "a_on_b", "b_on_a")
+    }
+    batch.update(mask_on_a=torch.rand(2, 1, s, s), mask_on_b=torch.rand(2, 1, s, s))
+    mouth_pose.step(nets, batch, p).loss.backward()
+    assert bank.grad is None and nav.space("mouth").head[0].weight.grad is not None
+
+    (tmp_path / "bare").mkdir()
+    ae.save_pretrained(tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="local_frames"):
+        mouth_pose.build({"preset": "tiny"}, p, {"autoencoder": str(tmp_path / "bare")})
+    local_directions.save(tmp_path / "bare", dirs[: d // 2], torch.ones(d).double(), frames=4)
+    with pytest.raises(ValueError, match="retrain the autoencoder"):
+        mouth_pose.build({"preset": "tiny"}, p, {"autoencoder": str(tmp_path / "bare")})
+    with pytest.raises(ValueError, match="mouth_bases"):
+        mouth_pose.MouthPoseParams(mouth_bases="frozen")
+    with pytest.raises(ValueError, match="local_frames"):
+        autoencoder.AutoencoderParams(local_frames=-1)

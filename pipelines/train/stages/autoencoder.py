@@ -5,11 +5,20 @@ same segment (the LIA-style pre-training that later stages start from). Losses: 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pipelines.train import data
-from pipelines.train.stages import AUX_PREFIX, Nets, Stage, StepOut, add_aux_head, edtalk_nets
+from pipelines.train.stages import (
+    AUX_PREFIX,
+    FinalizeContext,
+    Nets,
+    Stage,
+    StepOut,
+    add_aux_head,
+    edtalk_nets,
+)
 
 SHAPE_HEAD = "mouth_shape"  # the auxiliary head of w_shape: LIA weights -> data.mouth_shape (40 numbers)
 
@@ -31,6 +40,7 @@ class AutoencoderParams:
     mouth_contrast: float = 0.0  # share of pairs: most closed vs most open third of mouths (ours; 0 = paper)
     mouth_swap: float = 0.0  # share of pairs: the source with the other's mouth pasted (ours; 0 = paper)
     w_shape: float = 0.0  # LIA weights -> landmark mouth shape, via a training-only head (ours; 0 = paper)
+    local_frames: int = 0  # training frames behind the stored mouth-local latent directions (ours; 0 = none)
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
     vgg_weights: str = ""  # torchvision-format VGG19 file; "" = $EDTALK_VGG19_WEIGHTS, else random (warned)
 
@@ -40,6 +50,10 @@ class AutoencoderParams:
             raise ValueError("autoencoder params: steps and pairs_per_segment must be >= 1, lr and d_lr > 0")
         if min(self.w_rec, self.w_per, self.w_adv, self.w_mouth, self.w_shape) < 0:
             raise ValueError("autoencoder params: loss weights must be >= 0")
+        if self.local_frames < 0:
+            raise ValueError(
+                "autoencoder params: local_frames must be >= 0 (0 = store no mouth-local directions)"
+            )
         if not (0.0 <= self.mouth_contrast <= 1.0 and 0.0 <= self.mouth_swap <= 1.0):
             raise ValueError("autoencoder params: mouth_contrast and mouth_swap must be in [0, 1]")
 
@@ -108,6 +122,21 @@ def grid(nets: Nets, batch: dict, p: AutoencoderParams) -> dict[str, torch.Tenso
     return {"identity": batch["source"], "driving": batch["driving"], "output": out}
 
 
+def finalize(folder: Path, ctx: FinalizeContext) -> None:
+    """Driver side, on the exported model folder: with `local_frames` > 0, store the generator's mouth-local latent
+    directions over that many training frames (pipelines/train/local_directions.py) for `mouth_pose.mouth_bases:
+    local`."""
+    from edtalk import EDTalk
+    from pipelines.train import local_directions
+
+    frames = int(ctx.params.local_frames)
+    if frames == 0:
+        return
+    model = EDTalk.from_pretrained(folder)
+    dirs, shares = local_directions.autoencoder_directions(model, ctx.data_dir, ctx.train_ids, frames)
+    local_directions.save(folder, dirs, shares, frames)
+
+
 STAGE = Stage(
     name="autoencoder",
     params_cls=AutoencoderParams,
@@ -116,5 +145,6 @@ STAGE = Stage(
     build=build,
     step=step,
     grid=grid,
+    finalize=finalize,
     adversarial=True,
 )
