@@ -10,7 +10,7 @@ G along directions it renders inside the mouth (docs/training.md, "Mouth-local b
 
 J is taken by central differences (G's warping, grid_sample, has no forward-mode derivative): 2 D renders a frame,
 in chunks. Memory: the (3 S^2, D) Jacobian of one frame in float32 (tiny preset 3 MB; paper preset, S=256 and D=512,
-400 MB).
+400 MB), multiplied out in float64 slices of ROWS rows.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FILE = "mouth_directions.safetensors"  # in the autoencoder's model folder, next to model.safetensors
+ROWS = 16384  # Jacobian rows per float64 product
 
 
 def generator_jacobian(
@@ -73,10 +74,15 @@ def local_directions(
                 latent, feats = model.encoder(identities[k : k + 1])
                 drv, _ = model.encoder(frames[k : k + 1])
                 code = (latent + model.lia.motion(model.lia.weights(drv)))[0]
-                jac = generator_jacobian(model, code, feats, eps).double()
-                m = masks[k].expand(3, -1, -1).reshape(-1, 1).double()
-                ak, bk = jac.t() @ (m * jac), jac.t() @ jac
-                a, b = (ak, bk) if a is None else (a + ak, b + bk)
+                jac = generator_jacobian(model, code, feats, eps)
+                m = masks[k].expand(3, -1, -1).reshape(-1, 1)
+                if a is None:
+                    a = torch.zeros(jac.shape[1], jac.shape[1], dtype=torch.float64)
+                    b = torch.zeros_like(a)
+                for r in range(0, jac.shape[0], ROWS):  # float64 products, a bounded slice of rows at a time
+                    jr, mr = jac[r : r + ROWS].double(), m[r : r + ROWS].double()
+                    a += jr.t() @ (mr * jr)
+                    b += jr.t() @ jr
     finally:
         model.train(was_training)
     d = a.shape[0]
@@ -103,9 +109,12 @@ def autoencoder_directions(
     from preprocessing import storage
     from preprocessing.schema import decode_jpeg
 
-    wanted = sorted(set(segment_ids))
-    if not wanted:
+    ids_sorted = sorted(set(segment_ids))
+    if not ids_sorted:
         raise ValueError("autoencoder.local_frames: the run has no training segments to take frames from")
+    # at most `frames` segments, spread over the sorted ids, and as many frames from each as makes `frames`
+    pick = np.unique(np.linspace(0, len(ids_sorted) - 1, min(frames, len(ids_sorted))).round().astype(int))
+    wanted = {ids_sorted[int(i)] for i in pick}
     per_segment = max(1, -(-frames // len(wanted)))
     ids, drv, masks = [], [], []
     columns = ["segment_id", "num_frames", "frames", "landmarks"]
@@ -124,6 +133,7 @@ def autoencoder_directions(
                     masks.append(data._region_mask(lm[i], "mouth", first.shape[0]))
     if not drv:
         raise ValueError(f"autoencoder.local_frames: none of the {len(wanted)} training segments has frames")
+    ids, drv, masks = ids[:frames], drv[:frames], masks[:frames]
     size = model.config.image_size
     x = data.to_model_inputs(
         {
