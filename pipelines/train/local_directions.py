@@ -83,6 +83,9 @@ def local_directions(
                     jr, mr = jac[r : r + ROWS].double(), m[r : r + ROWS].double()
                     a += jr.t() @ (mr * jr)
                     b += jr.t() @ jr
+                done = k + 1  # progress: at the paper preset a frame's Jacobian takes 1,024 renders at 256 px
+                if done % 8 == 0 or done == frames.shape[0]:
+                    log.info("mouth-local directions: Jacobians of %d/%d frames", done, frames.shape[0])
     finally:
         model.train(was_training)
     d = a.shape[0]
