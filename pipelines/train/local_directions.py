@@ -71,7 +71,10 @@ def local_directions(
     try:
         with torch.no_grad():
             for k in range(frames.shape[0]):
-                latent, feats = model.encoder(identities[k : k + 1])
+                if k == 0 or not torch.equal(
+                    identities[k], identities[k - 1]
+                ):  # a segment's frames share one
+                    latent, feats = model.encoder(identities[k : k + 1])
                 drv, _ = model.encoder(frames[k : k + 1])
                 code = (latent + model.lia.motion(model.lia.weights(drv)))[0]
                 jac = generator_jacobian(model, code, feats, eps)
@@ -106,10 +109,7 @@ def autoencoder_directions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`local_directions` over `frames` frames spread evenly over the training segments `segment_ids` (each frame
     rendered from its segment's first frame, its mouth region from its landmarks as the swap pairs' masks are)."""
-    import pyarrow.parquet as pq
-
     from pipelines.train import data
-    from preprocessing import storage
     from preprocessing.schema import decode_jpeg
 
     ids_sorted = sorted(set(segment_ids))
@@ -119,38 +119,35 @@ def autoencoder_directions(
     pick = np.unique(np.linspace(0, len(ids_sorted) - 1, min(frames, len(ids_sorted))).round().astype(int))
     wanted = {ids_sorted[int(i)] for i in pick}
     per_segment = max(1, -(-frames // len(wanted)))
-    ids, drv, masks = [], [], []
-    columns = ["segment_id", "num_frames", "frames", "landmarks"]
-    for uri in data.table_files(data_dir, "segments"):
-        fs, path = storage.resolve(uri)
-        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=8, columns=columns):
-            for row in batch.to_pylist():
-                t = int(row["num_frames"])
-                if row["segment_id"] not in wanted or t < 1:
-                    continue
-                lm = data.f32_array(row["landmarks"], (t, 68, 2))
-                first = decode_jpeg(row["frames"][0])
-                for i in np.unique(np.linspace(0, t - 1, min(per_segment, t)).round().astype(int)):
-                    ids.append(first)
-                    drv.append(decode_jpeg(row["frames"][int(i)]))
-                    masks.append(data._region_mask(lm[i], "mouth", first.shape[0]))
-    if not drv:
+
+    def row_samples(row: dict) -> list[dict]:
+        t = int(row["num_frames"])
+        if t < 1:
+            return []
+        lm = data.f32_array(row["landmarks"], (t, 68, 2))
+        first = decode_jpeg(row["frames"][0])
+        return [
+            {
+                "id": first,
+                "drv": decode_jpeg(row["frames"][int(i)]),
+                "m": data._region_mask(lm[i], "mouth", first.shape[0]),
+            }
+            for i in np.unique(np.linspace(0, t - 1, min(per_segment, t)).round().astype(int))
+        ]
+
+    samples = data.local_samples(data_dir, "segments", sorted(wanted), {}, row_samples, frames)
+    if not samples:
         raise ValueError(f"autoencoder.local_frames: none of the {len(wanted)} training segments has frames")
-    ids, drv, masks = ids[:frames], drv[:frames], masks[:frames]
     size = model.config.image_size
     x = data.to_model_inputs(
-        {
-            "id": torch.from_numpy(np.stack(ids)),
-            "drv": torch.from_numpy(np.stack(drv)),
-            "m": torch.from_numpy(np.stack(masks)),
-        },
+        {k: torch.from_numpy(np.stack([r[k] for r in samples])) for k in ("id", "drv", "m")},
         torch.device("cpu"),
         size,
     )
     t0 = time.perf_counter()
     dirs, shares = local_directions(model, x["id"], x["drv"], x["m"])
     print(
-        f"[autoencoder] mouth-local latent directions from {len(drv)} frames of {len(wanted)} training segments in "
+        f"[autoencoder] mouth-local latent directions from {len(samples)} frames of {len(wanted)} training segments in "
         f"{time.perf_counter() - t0:.1f} s; in-mouth share of the first five: "
         + ", ".join(f"{float(s):.3f}" for s in shares[:5]),
         flush=True,
