@@ -178,13 +178,22 @@ def cache_if_fits(ds, estimated_bytes: int, budget_mb: float, name: str = "train
 
 
 def local_samples(
-    data_dir: str, table: str, ids: list[str], row_filter: dict[str, Any], fn: RowFn, limit: int
+    data_dir: str,
+    table: str,
+    ids: list[str],
+    row_filter: dict[str, Any],
+    fn: RowFn,
+    limit: int,
+    columns: list[str] | None = None,
 ) -> list[dict]:
-    """The first `limit` samples the same way, read in this process (validation: small, no Ray job needed)."""
+    """The first `limit` samples the same way, read in this process (validation: small, no Ray job needed).
+    `columns`: only these (plus segment_id and the filter's) are read; None = all."""
+    if columns is not None:
+        columns = sorted({*columns, "segment_id", *(row_filter or {})})
     out: list[dict] = []
     for uri in table_files(data_dir, table):
         fs, path = storage.resolve(uri)
-        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=16):
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=16, columns=columns):
             rows = pa.Table.from_batches([batch])
             rows = rows.filter(_mask(rows, ids, dict(row_filter or {})))
             for row in rows.to_pylist():

@@ -135,7 +135,9 @@ def autoencoder_directions(
             for i in np.unique(np.linspace(0, t - 1, min(per_segment, t)).round().astype(int))
         ]
 
-    samples = data.local_samples(data_dir, "segments", sorted(wanted), {}, row_samples, frames)
+    samples = data.local_samples(
+        data_dir, "segments", sorted(wanted), {}, row_samples, frames, ["num_frames", "frames", "landmarks"]
+    )
     if not samples:
         raise ValueError(f"autoencoder.local_frames: none of the {len(wanted)} training segments has frames")
     size = model.config.image_size
