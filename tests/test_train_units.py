@@ -540,6 +540,64 @@ def test_local_directions_rank_latent_moves_by_their_share_inside_the_mask():
         local_directions(model, ids, frames, mask[:, 0])
 
 
+def test_autoencoder_locality_term_renews_its_directions_and_trains_g_to_keep_them_in_the_mouth(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipelines.train.local_directions import local_directions
+    from pipelines.train.stages import AUX_PREFIX, autoencoder, export_edtalk
+
+    torch.manual_seed(0)
+    p = autoencoder.AutoencoderParams(
+        perceptual_scales=(0.5,), w_local=2.0, local_start=1, local_every=3, local_k=2, w_adv=0.0
+    )
+    nets = autoencoder.build({"preset": "tiny"}, p, {})
+    state = getattr(nets.model, AUX_PREFIX + autoencoder.LOCAL_STATE)
+    s = nets.model.config.image_size
+    mask = torch.zeros(2, 1, s, s)
+    mask[:, :, s // 2 :, s // 4 : 3 * s // 4] = 1.0
+    batch = {"source": torch.rand(2, 3, s, s) * 2 - 1, "driving": torch.rand(2, 3, s, s) * 2 - 1}
+    batch["mouth_mask"] = mask
+    nets.model.train()
+    assert "local" not in autoencoder.step(nets, batch, p).logs  # micro-step 0 < local_start
+    assert int(state.micro) == 1 and not bool(state.directions.any())
+    out = autoencoder.step(nets, batch, p)  # micro-step 1: the directions are computed from this batch
+    want = local_directions(nets.model, batch["source"], batch["driving"], mask)[0][:, :2]
+    assert torch.allclose(state.directions, want, atol=1e-5)
+    total = out.logs["rec"] + out.logs["per"] + 2.0 * out.logs["local"]
+    assert float(out.loss.detach()) == pytest.approx(float(total.detach()), rel=1e-5)
+    # only G gets the term's gradient (the codes are taken without autograd)
+    out.logs["local"].backward()
+
+    def grad(module) -> float:
+        return sum(float(q.grad.abs().sum()) for q in module.parameters() if q.grad is not None)
+
+    assert grad(nets.model.generator) > 0 and grad(nets.model.encoder) == 0 and grad(nets.model.lia) == 0
+    # validation neither counts nor renews; the term is still scored with the held directions
+    nets.model.eval()
+    with torch.no_grad():
+        assert "local" in autoencoder.step(nets, batch, p).logs
+    assert int(state.micro) == 2
+    # a few steps of the term alone move G's change along the held directions into the mask
+    nets.model.train()
+    opt = torch.optim.Adam(nets.model.generator.parameters(), lr=3e-3)
+    before = float(autoencoder.local_term(nets, batch, p))
+    for _ in range(4):
+        opt.zero_grad()
+        autoencoder.local_term(nets, batch, p).backward()
+        opt.step()
+    assert int(state.micro) == 7  # renewed at micro-steps 1 and 4
+    with torch.no_grad():
+        nets.model.eval()
+        after = float(autoencoder.local_term(nets, batch, p))
+    assert after < before - 0.05, (before, after)
+    export_edtalk(nets, tmp_path / "ae")
+    assert not any(k.startswith(AUX_PREFIX) for k in load_file(tmp_path / "ae" / "model.safetensors"))
+    with pytest.raises(ValueError, match="local_every"):
+        autoencoder.AutoencoderParams(w_local=1.0, local_every=0)
+    with pytest.raises(ValueError, match="local_k"):
+        autoencoder.build({"preset": "tiny"}, autoencoder.AutoencoderParams(w_local=1.0, local_k=10_000), {})
+
+
 def test_mouth_pose_holds_its_mouth_bases_at_the_stored_local_directions(tmp_path):
     from edtalk import EDTalk, ModelConfig
     from pipelines.train import local_directions
