@@ -31,7 +31,7 @@ def test_autoencoder_then_mouth_pose_with_lineage(trained_chain):
 
     out, ae, mp = trained_chain.out, trained_chain.autoencoder, trained_chain.mouth_pose
     assert ae["steps"] == 4 and ae["workers"] == 2
-    assert {"rec", "per", "adv", "d_loss", "shape"} <= set(ae["losses"]) and ae["samples_per_s"] > 0
+    assert {"rec", "per", "adv", "d_loss", "shape", "local"} <= set(ae["losses"]) and ae["samples_per_s"] > 0
     assert json.loads((out / "metrics" / "autoencoder.json").read_text())["run_id"] == ae["run_id"]
     model = EDTalk.from_pretrained(out / "models" / "autoencoder")  # the edtalk API alone, no Ray/DeepSpeed
     assert model.discriminator is not None

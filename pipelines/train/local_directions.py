@@ -65,7 +65,8 @@ def local_directions(
         )
     if frames.shape[0] < 1:
         raise ValueError("local_directions: needs at least one frame")
-    was_training = model.training
+    # each module's own mode back afterwards: a training run keeps its frozen modules in eval mode
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     a = b = None
     try:
@@ -90,7 +91,8 @@ def local_directions(
                 if done % 8 == 0 or done == frames.shape[0]:
                     log.info("mouth-local directions: Jacobians of %d/%d frames", done, frames.shape[0])
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.train(training)
     d = a.shape[0]
     # B is positive definite unless G ignores some latent direction entirely; a tiny ridge keeps it invertible.
     ridge = 1e-9 * float(torch.diagonal(b).mean()) * torch.eye(d, dtype=b.dtype)

@@ -124,12 +124,16 @@ def refresh_directions(nets: Nets, batch: dict, p: AutoencoderParams, state: Loc
     from pipelines.train.local_directions import local_directions
 
     dirs, shares = local_directions(nets.model, batch["source"], batch["driving"], batch["mouth_mask"])
-    dirs = dirs[:, : p.local_k].to(state.directions)
+    dirs = (
+        dirs[:, : p.local_k].to(state.directions).contiguous()
+    )  # broadcast writes into contiguous memory only
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(dirs, src=0)
     state.directions.copy_(dirs)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
     print(
-        f"[autoencoder] w_local: directions renewed at micro-step {micro}; in-mouth share on this "
+        f"[autoencoder] w_local: directions renewed at micro-step {micro}; in-mouth share on rank 0's "
         "batch: " + ", ".join(f"{float(x):.3f}" for x in shares[: p.local_k]),
         flush=True,
     )
