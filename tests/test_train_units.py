@@ -346,6 +346,8 @@ def test_zero3_is_refused_with_the_reason_for_a_listed_stage(monkeypatch):
     monkeypatch.setitem(stages.ZERO3_UNSUPPORTED, "audio_pose", "it reads a parameter outside a forward")
     with pytest.raises(ParamsError, match="ZeRO-3: it reads a parameter outside a forward"):
         run_stage("audio_pose", None, ["train.zero_stage=3"])
+    with pytest.raises(ParamsError, match="autoencoder.w_local > 0 is not supported yet"):
+        run_stage("autoencoder", None, ["train.zero_stage=3", "autoencoder.w_local=0.1"])
 
 
 def test_lineage_tag_keys_are_valid_for_any_uri(tmp_path):

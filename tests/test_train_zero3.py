@@ -161,6 +161,7 @@ def test_autoencoder_under_zero3_resumes_and_matches_zero0(tiny_data, tracking, 
         "train.experiment": "zero3",
         "train.sample_every": 0,  # one grid at the end: grids are not what this test checks
         "train.hash_inputs": False,
+        "autoencoder.w_local": 0.0,  # refused under ZeRO-3 (pipelines/train/runner.py)
     }
     z3_out, z0_out = tmp_path / "z3", tmp_path / "z0"
     z3 = run_stage(
