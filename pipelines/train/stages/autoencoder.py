@@ -42,12 +42,8 @@ class AutoencoderParams:
     mouth_swap: float = 0.0  # share of pairs: the source with the other's mouth pasted (ours; 0 = paper)
     w_shape: float = 0.0  # LIA weights -> landmark mouth shape, via a training-only head (ours; 0 = paper)
     local_frames: int = 0  # training frames behind the stored mouth-local latent directions (ours; 0 = none)
-    w_local: float = (
-        0.0  # weight of G's out-of-mouth share along its most mouth-local directions (ours; 0 = none)
-    )
-    local_start: int = (
-        0  # first micro-step (= optimizer step unless train.grad_accum > 1) with the w_local term
-    )
+    w_local: float = 0.0  # weight of G's out-of-mouth share along its mouth-local directions (ours; 0 = none)
+    local_start: int = 0  # first micro-step with the w_local term (= optimizer step unless grad_accum > 1)
     local_every: int = 100  # micro-steps between two recomputations of w_local's directions (from the batch)
     local_k: int = 3  # how many of the most mouth-local directions the w_local term holds
     local_eps: float = 0.05  # step along a direction (latent units) whose rendered change w_local scores
@@ -124,13 +120,12 @@ def refresh_directions(nets: Nets, batch: dict, p: AutoencoderParams, state: Loc
     from pipelines.train.local_directions import local_directions
 
     dirs, shares = local_directions(nets.model, batch["source"], batch["driving"], batch["mouth_mask"])
-    dirs = (
-        dirs[:, : p.local_k].to(state.directions).contiguous()
-    )  # broadcast writes into contiguous memory only
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    dirs = dirs[:, : p.local_k].to(state.directions).contiguous()  # broadcast fills contiguous memory only
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and dist.get_world_size() > 1:
         dist.broadcast(dirs, src=0)
     state.directions.copy_(dirs)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if distributed and dist.get_rank() != 0:
         return
     print(
         f"[autoencoder] w_local: directions renewed at micro-step {micro}; in-mouth share on rank 0's "
