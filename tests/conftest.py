@@ -98,11 +98,13 @@ def train_overrides(data: Path | str, out: Path | str, **extra) -> list[str]:
         "autoencoder.steps": 4,
         "autoencoder.pairs_per_segment": 4,
         "autoencoder.w_shape": 1.0,  # so the chain and the fault test train, checkpoint and drop an auxiliary head
-        # the locality term from micro-step 1, its directions renewed every 2 (broadcast from rank 0 under 2
-        # workers; buffers the fault test's restart must restore for its weights to match)
+        # the locality term from micro-step 2, its directions renewed every 2 from the Jacobian sums of the last 2
+        # batches, summed over the 2 workers. The checkpoint at step 2 holds micro-step 1's sums between two
+        # renewals: the fault test's restart must restore them (and the buffers) for its weights to match.
         "autoencoder.w_local": 0.1,
-        "autoencoder.local_start": 1,
+        "autoencoder.local_start": 2,
         "autoencoder.local_every": 2,
+        "autoencoder.local_batches": 2,
         "autoencoder.local_frames": 4,  # the driver stores the mouth-local directions with the model ...
         "mouth_pose.steps": 2,
         "mouth_pose.mouth_bases": "local",  # ... and mouth_pose holds its mouth bank there, inside DeepSpeed

@@ -550,21 +550,43 @@ def test_autoencoder_locality_term_renews_its_directions_and_trains_g_to_keep_th
 
     torch.manual_seed(0)
     p = autoencoder.AutoencoderParams(
-        perceptual_scales=(0.5,), w_local=2.0, local_start=1, local_every=3, local_k=2, w_adv=0.0
+        perceptual_scales=(0.5,),
+        w_local=2.0,
+        local_start=1,
+        local_every=3,
+        local_batches=2,
+        local_k=2,
+        w_adv=0.0,
     )
     nets = autoencoder.build({"preset": "tiny"}, p, {})
     state = getattr(nets.model, AUX_PREFIX + autoencoder.LOCAL_STATE)
     s = nets.model.config.image_size
     mask = torch.zeros(2, 1, s, s)
     mask[:, :, s // 2 :, s // 4 : 3 * s // 4] = 1.0
+    first = {"source": torch.rand(2, 3, s, s) * 2 - 1, "driving": torch.rand(2, 3, s, s) * 2 - 1}
     batch = {"source": torch.rand(2, 3, s, s) * 2 - 1, "driving": torch.rand(2, 3, s, s) * 2 - 1}
-    batch["mouth_mask"] = mask
+    first["mouth_mask"] = batch["mouth_mask"] = mask
     nets.model.train()
-    assert "local" not in autoencoder.step(nets, batch, p).logs  # micro-step 0 < local_start
-    assert int(state.micro) == 1 and not bool(state.directions.any())
-    out = autoencoder.step(nets, batch, p)  # micro-step 1: the directions are computed from this batch
-    want = local_directions(nets.model, batch["source"], batch["driving"], mask)[0][:, :2]
+    assert "local" not in autoencoder.step(nets, first, p).logs  # micro-step 0 < local_start: pooled only
+    assert int(state.micro) == 1 and not bool(state.directions.any()) and int(state.sums["frames"]) == 2
+    # the pool between two renewals is extra state: a checkpoint holds it, and a fresh module takes it back
+    saved = nets.model.state_dict()
+    restored = autoencoder.LocalState(nets.model.config.latent_dim, 2)
+    restored.load_state_dict(
+        {
+            k.split(".", 1)[1]: v
+            for k, v in saved.items()
+            if k.startswith(AUX_PREFIX + autoencoder.LOCAL_STATE)
+        }
+    )
+    assert torch.equal(restored.sums["a"], state.sums["a"]) and restored.sums["a"].dtype == torch.float64
+    out = autoencoder.step(nets, batch, p)  # micro-step 1: renewed from both batches' Jacobian sums
+    assert state.sums is None
+    both = {k: torch.cat([first[k], batch[k]]) for k in ("source", "driving", "mouth_mask")}
+    want = local_directions(nets.model, both["source"], both["driving"], both["mouth_mask"])[0][:, :2]
     assert torch.allclose(state.directions, want, atol=1e-5)
+    alone = local_directions(nets.model, batch["source"], batch["driving"], mask)[0][:, :2]
+    assert not torch.allclose(state.directions, alone, atol=1e-3)  # the pool is not the last batch alone
     total = out.logs["rec"] + out.logs["per"] + 2.0 * out.logs["local"]
     assert float(out.loss.detach()) == pytest.approx(float(total.detach()), rel=1e-5)
     # only G gets the term's gradient (the codes are taken without autograd)
@@ -596,6 +618,13 @@ def test_autoencoder_locality_term_renews_its_directions_and_trains_g_to_keep_th
     assert not any(k.startswith(AUX_PREFIX) for k in load_file(tmp_path / "ae" / "model.safetensors"))
     with pytest.raises(ValueError, match="local_every"):
         autoencoder.AutoencoderParams(w_local=1.0, local_every=0)
+    with pytest.raises(ValueError, match="local_batches=5"):
+        autoencoder.AutoencoderParams(w_local=1.0, local_every=4, local_batches=5)
+    # renewals at local_start + j * local_every, each pooling the local_batches micro-steps up to it
+    sched = autoencoder.AutoencoderParams(w_local=1.0, local_start=5, local_every=10, local_batches=3)
+    plan = [autoencoder.schedule(m, sched) for m in range(27)]
+    assert [m for m, (pool, _) in enumerate(plan) if pool] == [3, 4, 5, 13, 14, 15, 23, 24, 25]
+    assert [m for m, (_, renew) in enumerate(plan) if renew] == [5, 15, 25]
     with pytest.raises(ValueError, match="local_k"):
         autoencoder.build({"preset": "tiny"}, autoencoder.AutoencoderParams(w_local=1.0, local_k=10_000), {})
 

@@ -45,14 +45,13 @@ def generator_jacobian(
     return torch.cat(cols, dim=1).float()
 
 
-def local_directions(
+def jacobian_sums(
     model, identities: torch.Tensor, frames: torch.Tensor, masks: torch.Tensor, eps: float = 1e-2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mouth-local latent directions of `model`'s generator, pooled over frames.
+    """The pooled sums (A, B) = (sum J^T M J, sum J^T J) over frames, each (D, D) float64, returned on the CPU.
 
     identities, frames: (N,3,S,S) in [-1, 1] (frame k rendered from identity k, as the autoencoder renders it);
-    masks: (N,1,S,S) in [0, 1], frame k's mouth region. Returns (directions (D, D) float32, unit columns, most
-    local first; shares (D,) float64, the pooled in-mask share of each column's rendered change).
+    masks: (N,1,S,S) in [0, 1], frame k's mouth region. Sums from several calls (batches, ranks) add up.
     """
     if (
         frames.dim() != 4
@@ -72,16 +71,14 @@ def local_directions(
     try:
         with torch.no_grad():
             for k in range(frames.shape[0]):
-                if k == 0 or not torch.equal(
-                    identities[k], identities[k - 1]
-                ):  # a segment's frames share one
+                if k == 0 or not torch.equal(identities[k], identities[k - 1]):  # one per segment
                     latent, feats = model.encoder(identities[k : k + 1])
                 drv, _ = model.encoder(frames[k : k + 1])
                 code = (latent + model.lia.motion(model.lia.weights(drv)))[0]
                 jac = generator_jacobian(model, code, feats, eps)
                 m = masks[k].expand(3, -1, -1).reshape(-1, 1)
                 if a is None:
-                    a = torch.zeros(jac.shape[1], jac.shape[1], dtype=torch.float64)
+                    a = torch.zeros(jac.shape[1], jac.shape[1], dtype=torch.float64, device=jac.device)
                     b = torch.zeros_like(a)
                 for r in range(0, jac.shape[0], ROWS):  # float64 products, a bounded slice of rows at a time
                     jr, mr = jac[r : r + ROWS].double(), m[r : r + ROWS].double()
@@ -93,6 +90,13 @@ def local_directions(
     finally:
         for m, training in modes:
             m.train(training)
+    return a.cpu(), b.cpu()
+
+
+def directions_from_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generalised eigenvectors of (A, B) (jacobian_sums): (directions (D, D) float32, unit columns, most local
+    first; shares (D,) float64, the pooled in-mask share of each column's rendered change)."""
+    a, b = a.double(), b.double()
     d = a.shape[0]
     # B is positive definite unless G ignores some latent direction entirely; a tiny ridge keeps it invertible.
     ridge = 1e-9 * float(torch.diagonal(b).mean()) * torch.eye(d, dtype=b.dtype)
@@ -104,6 +108,14 @@ def local_directions(
     dirs, shares = dirs[:, order], shares[order]
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     return dirs.float(), shares
+
+
+def local_directions(
+    model, identities: torch.Tensor, frames: torch.Tensor, masks: torch.Tensor, eps: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mouth-local latent directions of `model`'s generator, pooled over frames (inputs as `jacobian_sums`).
+    Returns (directions (D, D) float32, unit columns, most local first; shares (D,) float64)."""
+    return directions_from_sums(*jacobian_sums(model, identities, frames, masks, eps))
 
 
 def autoencoder_directions(

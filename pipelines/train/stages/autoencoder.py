@@ -45,6 +45,7 @@ class AutoencoderParams:
     w_local: float = 0.0  # weight of G's out-of-mouth share along its mouth-local directions (ours; 0 = none)
     local_start: int = 0  # first micro-step with the w_local term (= optimizer step unless grad_accum > 1)
     local_every: int = 100  # micro-steps between two recomputations of w_local's directions (from the batch)
+    local_batches: int = 4  # batches (every rank's) pooled into one renewal of w_local's directions
     local_k: int = 3  # how many of the most mouth-local directions the w_local term holds
     local_eps: float = 0.05  # step along a direction (latent units) whose rendered change w_local scores
     perceptual_scales: tuple[float, ...] = (1.0, 0.5)  # image pyramid of the perceptual loss
@@ -68,6 +69,12 @@ class AutoencoderParams:
             )
         if self.local_eps <= 0:
             raise ValueError("autoencoder params: local_eps must be > 0")
+        if not 1 <= self.local_batches <= self.local_every:
+            raise ValueError(
+                f"autoencoder params: local_batches={self.local_batches} must be in [1, local_every="
+                f"{self.local_every}] (the batches pooled into one renewal of the directions come from the "
+                "micro-steps since the previous one)"
+            )
 
 
 def perceptual(p) -> torch.nn.Module:
@@ -103,33 +110,78 @@ def build(model_section: dict, p: AutoencoderParams, upstream: dict[str, str]) -
 
 
 class LocalState(torch.nn.Module):
-    """Buffers of the w_local term (checkpointed with the model, dropped on export): the K directions it holds
-    (D, K; zeros until first computed) and the number of training micro-steps seen."""
+    """State of the w_local term (checkpointed with the model, dropped on export): the K directions it holds
+    (buffer (D, K); zeros until first computed), the number of training micro-steps seen (buffer), and the Jacobian
+    sums pooled since the last renewal (extra state in float64, which a bf16 engine would not keep in a buffer)."""
 
     def __init__(self, dim: int, k: int) -> None:
         super().__init__()
         self.register_buffer("directions", torch.zeros(dim, k))
         self.register_buffer("micro", torch.zeros((), dtype=torch.long))
+        self.sums: dict[str, torch.Tensor] | None = None  # a, b: (D, D) float64; frames: () (CPU)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, frames: torch.Tensor) -> None:
+        if self.sums is None:
+            self.sums = {
+                "a": torch.zeros_like(a),
+                "b": torch.zeros_like(b),
+                "frames": torch.zeros((), dtype=a.dtype),
+            }
+        self.sums["a"] += a
+        self.sums["b"] += b
+        self.sums["frames"] += frames
+
+    def get_extra_state(self) -> dict:
+        return {} if self.sums is None else {k: v.clone() for k, v in self.sums.items()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.sums = {k: v.detach().cpu().double().clone() for k, v in state.items()} if state else None
 
 
-def refresh_directions(nets: Nets, batch: dict, p: AutoencoderParams, state: LocalState, micro: int) -> None:
-    """Recompute the generator's p.local_k most mouth-local directions from this batch's frames (rank 0's, so
-    that every rank holds the same ones)."""
+def schedule(micro: int, p: AutoencoderParams) -> tuple[bool, bool]:
+    """(pool this micro-step's batch, renew the directions after it): renewals at local_start + j * local_every,
+    each from the local_batches micro-steps up to and including it."""
+    offset = (micro - p.local_start) % p.local_every
+    renew = micro >= p.local_start and offset == 0
+    pool = micro > p.local_start - p.local_batches and (
+        offset == 0 or offset > p.local_every - p.local_batches
+    )
+    return pool, renew
+
+
+def pool_directions(
+    nets: Nets, batch: dict, p: AutoencoderParams, state: LocalState, micro: int, renew: bool
+) -> None:
+    """Add this batch's Jacobian sums, summed over all ranks, to the pool (so every rank holds the same pool, and
+    rank 0's checkpoint restores it for all); at a renewal, hold the generator's p.local_k most mouth-local
+    directions of the pool and empty it."""
     import torch.distributed as dist
 
-    from pipelines.train.local_directions import local_directions
+    from pipelines.train.local_directions import directions_from_sums, jacobian_sums
 
-    dirs, shares = local_directions(nets.model, batch["source"], batch["driving"], batch["mouth_mask"])
+    a, b = jacobian_sums(nets.model, batch["source"], batch["driving"], batch["mouth_mask"])
+    frames = torch.tensor(float(batch["source"].shape[0]), dtype=a.dtype)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:  # one collective, on the device the backend works on
+        d = a.shape[0]
+        flat = torch.cat([a.flatten(), b.flatten(), frames.reshape(1)]).to(state.directions.device)
+        dist.all_reduce(flat)
+        flat = flat.cpu()
+        a, b, frames = flat[: d * d].view(d, d), flat[d * d : 2 * d * d].view(d, d), flat[-1]
+    state.add(a, b, frames)
+    if not renew:
+        return
+    sums, state.sums = state.sums, None
+    dirs, shares = directions_from_sums(sums["a"], sums["b"])
     dirs = dirs[:, : p.local_k].to(state.directions).contiguous()  # broadcast fills contiguous memory only
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed and dist.get_world_size() > 1:
+    if distributed:  # rank 0's solution everywhere, bit for bit
         dist.broadcast(dirs, src=0)
     state.directions.copy_(dirs)
     if distributed and dist.get_rank() != 0:
         return
     print(
-        f"[autoencoder] w_local: directions renewed at micro-step {micro}; in-mouth share on rank 0's "
-        "batch: " + ", ".join(f"{float(x):.3f}" for x in shares[: p.local_k]),
+        f"[autoencoder] w_local: directions renewed at micro-step {micro} from {int(sums['frames'])} frames; "
+        "their in-mouth share: " + ", ".join(f"{float(x):.3f}" for x in shares[: p.local_k]),
         flush=True,
     )
 
@@ -145,10 +197,11 @@ def local_term(nets: Nets, batch: dict, p: AutoencoderParams) -> torch.Tensor | 
     if training:
         micro = int(state.micro)
         state.micro += 1
+        pool, renew = schedule(micro, p)
+        if pool:
+            pool_directions(nets, batch, p, state, micro, renew)
         if micro < p.local_start:
             return None
-        if (micro - p.local_start) % p.local_every == 0:
-            refresh_directions(nets, batch, p, state, micro)
     if not bool(state.directions.any()):
         return None
     model = nets.model
