@@ -44,7 +44,7 @@ class AutoencoderParams:
     local_frames: int = 0  # training frames behind the stored mouth-local latent directions (ours; 0 = none)
     w_local: float = 0.0  # weight of G's out-of-mouth share along its mouth-local directions (ours; 0 = none)
     local_start: int = 0  # first micro-step with the w_local term (= optimizer step unless grad_accum > 1)
-    local_every: int = 100  # micro-steps between two recomputations of w_local's directions (from the batch)
+    local_every: int = 100  # micro-steps between two renewals of w_local's directions (pooled batches)
     local_batches: int = 4  # batches (every rank's) pooled into one renewal of w_local's directions
     local_k: int = 3  # how many of the most mouth-local directions the w_local term holds
     local_eps: float = 0.05  # step along a direction (latent units) whose rendered change w_local scores
