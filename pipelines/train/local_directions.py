@@ -46,12 +46,18 @@ def generator_jacobian(
 
 
 def jacobian_sums(
-    model, identities: torch.Tensor, frames: torch.Tensor, masks: torch.Tensor, eps: float = 1e-2
+    model,
+    identities: torch.Tensor,
+    frames: torch.Tensor,
+    masks: torch.Tensor,
+    eps: float = 1e-2,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pooled sums (A, B) = (sum J^T M J, sum J^T J) over frames, each (D, D) float64, returned on the CPU.
 
     identities, frames: (N,3,S,S) in [-1, 1] (frame k rendered from identity k, as the autoencoder renders it);
     masks: (N,1,S,S) in [0, 1], frame k's mouth region. Sums from several calls (batches, ranks) add up.
+    progress: log every 8th frame (off for the training term's small batches, which log once per renewal).
     """
     if (
         frames.dim() != 4
@@ -85,7 +91,7 @@ def jacobian_sums(
                     a += jr.t() @ (mr * jr)
                     b += jr.t() @ jr
                 done = k + 1  # progress: at the paper preset a frame's Jacobian takes 1,024 renders at 256 px
-                if done % 8 == 0 or done == frames.shape[0]:
+                if progress and (done % 8 == 0 or done == frames.shape[0]):
                     log.info("mouth-local directions: Jacobians of %d/%d frames", done, frames.shape[0])
     finally:
         for m, training in modes:

@@ -121,15 +121,8 @@ class LocalState(torch.nn.Module):
         self.sums: dict[str, torch.Tensor] | None = None  # a, b: (D, D) float64; frames: () (CPU)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, frames: torch.Tensor) -> None:
-        if self.sums is None:
-            self.sums = {
-                "a": torch.zeros_like(a),
-                "b": torch.zeros_like(b),
-                "frames": torch.zeros((), dtype=a.dtype),
-            }
-        self.sums["a"] += a
-        self.sums["b"] += b
-        self.sums["frames"] += frames
+        new = {"a": a, "b": b, "frames": frames.to(a.dtype)}
+        self.sums = new if self.sums is None else {k: self.sums[k] + v for k, v in new.items()}
 
     def get_extra_state(self) -> dict:
         return {} if self.sums is None else {k: v.clone() for k, v in self.sums.items()}
@@ -159,7 +152,7 @@ def pool_directions(
 
     from pipelines.train.local_directions import directions_from_sums, jacobian_sums
 
-    a, b = jacobian_sums(nets.model, batch["source"], batch["driving"], batch["mouth_mask"])
+    a, b = jacobian_sums(nets.model, batch["source"], batch["driving"], batch["mouth_mask"], progress=False)
     frames = torch.tensor(float(batch["source"].shape[0]), dtype=a.dtype)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:  # one collective, on the device the backend works on
