@@ -110,6 +110,7 @@ class PlainLoop:
         device: str = "cpu",
         bf16: bool = False,
         upstream: dict[str, str] | None = None,
+        channels_last: bool = False,
     ) -> None:
         import torch
 
@@ -125,6 +126,12 @@ class PlainLoop:
         self.nets.discriminator.to(self.device)
         for extra in self.nets.extras.values():
             extra.to(self.device)
+        self.channels_last = (
+            channels_last  # NHWC weights and images (spares cuDNN's layout transforms on a GPU)
+        )
+        if channels_last:
+            for net in (self.nets.model, self.nets.discriminator, *self.nets.extras.values()):
+                net.to(memory_format=torch.channels_last)
         splits = train_data.segment_splits(str(data))
         train_ids, _, _ = train_data.train_val_ids(splits, 0.2)
         self.rows = train_data.local_samples(
@@ -156,6 +163,11 @@ class PlainLoop:
         self.k += 1
         batch = {key: torch.from_numpy(np.stack([r[key] for r in chunk])) for key in chunk[0]}
         batch = train_data.to_model_inputs(batch, self.device, nets.model.config.image_size)
+        if self.channels_last:
+            batch = {
+                k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                for k, v in batch.items()
+            }
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         nets.discriminator.requires_grad_(False)
         with autocast:

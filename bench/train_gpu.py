@@ -73,9 +73,57 @@ def upstream_model(preset_section: dict, folder: Path) -> str:
     return str(folder)
 
 
+def profile(loop, args, bs: int) -> None:
+    """torch.profiler over `args.profile` more steps: the top operators by self CPU time and by self device time,
+    and the number of kernels a step launches, written beside --out (train_gpu_profile_bsN.txt)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    loop._sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        loop.run(args.profile)
+    events = prof.key_averages()
+    device_key = (
+        "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    )
+    kernels = sum(
+        e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+    )
+    text = [
+        f"{args.stage} {args.preset} bs {bs}, {args.profile} profiled steps, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, cudnn.benchmark={args.cudnn_benchmark}, "
+        f"channels_last={args.channels_last}",
+        f"device kernels per step: {kernels / args.profile:.0f}",
+        events.table(sort_by="self_cpu_time_total", row_limit=25),
+    ]
+    if len(activities) > 1:
+        text.append(events.table(sort_by=device_key, row_limit=25))
+    path = args.out.parent / f"train_gpu_profile_bs{bs}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text) + "\n")
+    print(text[0], "|", text[1], "->", path, flush=True)
+
+
+def make_loop(args, overrides: list[str], bs: int, upstream: dict):
+    from train import PlainLoop
+
+    return PlainLoop(
+        args.data,
+        overrides,
+        bs,
+        args.warmup,
+        stage_name=args.stage,
+        params_path=args.params,
+        device=args.device,
+        bf16=args.bf16,
+        upstream=upstream,
+        channels_last=args.channels_last,
+    )
+
+
 def measure(args) -> dict:
     import torch
-    from train import PlainLoop
 
     from pipelines.train import stages
     from preprocessing.params import load_section
@@ -84,6 +132,8 @@ def measure(args) -> dict:
     model_section = load_section(str(args.params), "model", overrides)
     stage = stages.get(args.stage)
     cuda = args.device.startswith("cuda")
+    if cuda and args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # autotuned convolution algorithms (the shapes do not change)
     results = []
     with tempfile.TemporaryDirectory(prefix="edtalk-gpu-up-") as tmp:
         upstream = {name: upstream_model(model_section, Path(tmp) / name) for name in stage.upstream}
@@ -91,18 +141,16 @@ def measure(args) -> dict:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            loop = PlainLoop(
-                args.data,
-                overrides,
-                bs,
-                args.warmup,
-                stage_name=args.stage,
-                params_path=args.params,
-                device=args.device,
-                bf16=args.bf16,
-                upstream=upstream,
-            )
+            try:
+                loop = make_loop(args, overrides, bs, upstream)
+            except SystemExit as e:  # e.g. fewer training samples than the batch: keep the other sizes' rows
+                row = {"batch_size": bs, "skipped": str(e)}
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                continue
             seg = loop.run(args.steps)
+            if args.profile:
+                profile(loop, args, bs)
             row = {
                 "batch_size": bs,
                 "samples_per_s": round(seg["samples_per_s"], 2),
@@ -120,6 +168,8 @@ def measure(args) -> dict:
         "preset": args.preset,
         "image_size": model_section.get("image_size") or (256 if args.preset == "paper" else 64),
         "precision": "bf16 autocast, fp32 master weights" if args.bf16 else "fp32",
+        "cudnn_benchmark": bool(args.cudnn_benchmark),
+        "channels_last": bool(args.channels_last),
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "warmup_steps": args.warmup,
@@ -144,6 +194,9 @@ def main() -> None:
     ap.add_argument(
         "--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16], help="e.g. 4,8,16"
     )
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC weights and images")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many more steps per batch size")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_gpu.json")
