@@ -126,9 +126,8 @@ class PlainLoop:
         self.nets.discriminator.to(self.device)
         for extra in self.nets.extras.values():
             extra.to(self.device)
-        self.channels_last = (
-            channels_last  # NHWC weights and images (spares cuDNN's layout transforms on a GPU)
-        )
+        # NHWC weights and images (spares cuDNN's layout transforms on a GPU)
+        self.channels_last = channels_last
         if channels_last:
             for net in (self.nets.model, self.nets.discriminator, *self.nets.extras.values()):
                 net.to(memory_format=torch.channels_last)

@@ -11,6 +11,8 @@ GPU memory (torch.cuda.max_memory_*), reset per batch size. Writes bench/results
     python bench/train_gpu.py --make-data bench/.gpu_data
     # on the GPU machine (torch, pyarrow, OpenCV, safetensors are enough):
     python bench/train_gpu.py --data bench/.gpu_data --device cuda --batch-sizes 4,8,16
+    # the same with autotuned convolutions, NHWC memory, and a torch.profiler table of 3 more steps per size
+    python bench/train_gpu.py --data bench/.gpu_data --device cuda --cudnn-benchmark --channels-last --profile 3
     # a dry run of the same code on CPU (tiny preset): what tests/test_bench_train_gpu.py runs
     python bench/train_gpu.py --data DIR --device cpu --preset tiny --params params.yaml --batch-sizes 2 --steps 2
 """
@@ -182,7 +184,7 @@ def measure(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--make-data", type=Path, help="write 256 px SynthTalk tables here and stop")
-    ap.add_argument("--identities", type=int, default=2)
+    ap.add_argument("--identities", type=int, default=6)  # 40 training pairs: batches up to 32 (11 MB)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--data", type=Path, help="a preprocessed folder (segments/, pairs/)")
