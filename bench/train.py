@@ -91,6 +91,10 @@ def stage_params(overrides: list[str], stage_name: str = STAGE, params_path: Pat
     return stage, load_stage_params(stage.params_cls, stage_name, str(params_path), overrides)
 
 
+class TooFewSamples(SystemExit):
+    """The data holds fewer training samples than one batch (a CLI still exits with the message)."""
+
+
 class PlainLoop:
     """The stage's build + step in one process: torch.optim.Adam, samples preloaded, no Ray, no DeepSpeed.
 
@@ -142,7 +146,7 @@ class PlainLoop:
             10**9,
         )
         if len(self.rows) < batch_size:
-            raise SystemExit(f"only {len(self.rows)} training samples for batch size {batch_size}")
+            raise TooFewSamples(f"only {len(self.rows)} training samples for batch size {batch_size}")
         betas = (self.p.beta1, self.p.beta2)
         self.g_opt = torch.optim.Adam(self.nets.trainable, lr=self.p.lr, betas=betas)
         self.d_opt = torch.optim.Adam(self.nets.discriminator.parameters(), lr=self.p.d_lr, betas=betas)

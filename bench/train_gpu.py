@@ -82,16 +82,10 @@ def profile(loop, args, bs: int) -> None:
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    loop._sync()
     with torch.profiler.profile(activities=activities) as prof:
-        loop.run(args.profile)
+        loop.run(args.profile)  # synchronises the device before and after
     events = prof.key_averages()
-    device_key = (
-        "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    )
-    kernels = sum(
-        e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
-    )
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     text = [
         f"{args.stage} {args.preset} bs {bs}, {args.profile} profiled steps, "
         f"{'bf16 autocast' if args.bf16 else 'fp32'}, cudnn.benchmark={args.cudnn_benchmark}, "
@@ -100,7 +94,7 @@ def profile(loop, args, bs: int) -> None:
         events.table(sort_by="self_cpu_time_total", row_limit=25),
     ]
     if len(activities) > 1:
-        text.append(events.table(sort_by=device_key, row_limit=25))
+        text.append(events.table(sort_by="self_device_time_total", row_limit=25))
     path = args.out.parent / f"train_gpu_profile_bs{bs}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text) + "\n")
@@ -110,7 +104,7 @@ def profile(loop, args, bs: int) -> None:
 def make_loop(args, overrides: list[str], bs: int, upstream: dict):
     from train import PlainLoop
 
-    return PlainLoop(
+    return PlainLoop(  # raises train.TooFewSamples for a batch larger than the training samples
         args.data,
         overrides,
         bs,
@@ -126,6 +120,7 @@ def make_loop(args, overrides: list[str], bs: int, upstream: dict):
 
 def measure(args) -> dict:
     import torch
+    from train import TooFewSamples
 
     from pipelines.train import stages
     from preprocessing.params import load_section
@@ -145,7 +140,7 @@ def measure(args) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 loop = make_loop(args, overrides, bs, upstream)
-            except SystemExit as e:  # e.g. fewer training samples than the batch: keep the other sizes' rows
+            except TooFewSamples as e:  # keep the other sizes' rows
                 row = {"batch_size": bs, "skipped": str(e)}
                 print(json.dumps(row), flush=True)
                 results.append(row)
