@@ -38,8 +38,14 @@ REF_DB = 20.0
 MIN_DB = -100.0
 MEL_SCALE = 4.0
 
-# Voice-activity detector (see _vad_frames). Calibrated on the real clips of ../shared/media (whole clips): speech
-# 0.66 (news over background music) to 0.88, music (LivePortrait__d12) 0.06, digital silence (d18) 0.0.
+# Voice activity: Silero VAD (preprocessing/vad.py, weights shipped in the silero-vad wheel) decides per 32 ms chunk;
+# a video frame is speech when a chunk overlapping it has probability >= VAD_THRESHOLD (Silero's own default).
+# Measured against the energy rule and WebRTC VAD in docs/preprocessing.md: the energy rule below counted steady
+# music and tones as speech (0.8-0.99) and WebRTC VAD counts any tone, music or noise (1.00); Silero gives them
+# <= 0.06 and real or SynthTalk speech 0.71-0.90. The energy rule stays as the fallback when silero-vad is missing.
+VAD_THRESHOLD = 0.5
+# Fallback energy rule (see _energy_vad_frames). Calibrated on the real clips of ../shared/media (whole clips):
+# speech 0.66 (news over background music) to 0.88, music (LivePortrait__d12) 0.06, digital silence (d18) 0.0.
 VAD_FRAME = 320  # samples per decision frame (20 ms at 16 kHz)
 VAD_FLOOR_PERCENTILE = 20.0  # the clip's noise floor: this percentile of its non-silent frame energies
 VAD_ABOVE_FLOOR_DB = 8.0  # a speech frame is this much louder than the floor
@@ -269,15 +275,30 @@ def mel_windows(wave: np.ndarray, num_frames: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- speech activity
-def _vad_frames(wave: np.ndarray) -> np.ndarray:
-    """Per 20 ms frame speech decision (bool), hangover applied.
+_FALLBACK_WARNED = False
+
+
+def _silero_mask(wave: np.ndarray, num_frames: int) -> np.ndarray:
+    """Per video frame: a 32 ms Silero chunk overlapping it has speech probability >= VAD_THRESHOLD."""
+    from preprocessing import vad
+
+    probs = vad.speech_probs(wave)
+    first = np.arange(num_frames) * SAMPLES_PER_FRAME // vad.CHUNK
+    last = ((np.arange(num_frames) + 1) * SAMPLES_PER_FRAME - 1) // vad.CHUNK
+    active = np.append(probs >= VAD_THRESHOLD, False)  # index len(probs): past the audio's end
+    n = len(probs)
+    return active[np.minimum(first, n)] | active[np.minimum(last, n)]
+
+
+def _energy_vad_frames(wave: np.ndarray) -> np.ndarray:
+    """Fallback rule when silero-vad is not installed: per 20 ms frame speech decision (bool), hangover applied.
 
     A frame is active when all hold: its energy is VAD_ABOVE_FLOOR_DB over the clip's noise floor (a low percentile
     of the non-silent frames' energies, so a track that never falls quiet, like continuous music, has a high floor)
     and above VAD_MIN_DB; its spectral flatness over 300-4000 Hz is low (formants/harmonics, not noise); its
-    zero-crossing rate is below hiss level. Active frames then also mark VAD_HANGOVER frames each side.
+    zero-crossing rate is below hiss level. Active frames then also mark VAD_HANGOVER frames each side. Steady
+    music and tones pass all of these (docs/preprocessing.md): this is why Silero decides when it is installed.
     """
-    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
     n = len(wave) // VAD_FRAME
     if n == 0:
         return np.zeros(0, dtype=bool)
@@ -303,28 +324,49 @@ def _vad_frames(wave: np.ndarray) -> np.ndarray:
     return active
 
 
-def speech_ratio(wave: np.ndarray) -> float:
-    """Fraction of 20 ms frames of a 16 kHz waveform judged speech (see _vad_frames); 0.0 for an empty wave.
-
-    The noise floor is estimated from the waveform given, so pass a whole clip (or at least several seconds) and
-    use speech_mask to slice per segment; compare with SPEECH_MIN_RATIO.
-    """
-    active = _vad_frames(wave)
-    return float(active.mean()) if active.size else 0.0
-
-
-def speech_mask(wave: np.ndarray, num_frames: int | None = None) -> np.ndarray:
-    """Per 40 ms video frame: True when either of its two 20 ms VAD frames is speech. Length num_frames
-    (default ceil(len / 640)); frames past the end of the audio are False."""
-    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
-    if num_frames is None:
-        num_frames = -(-len(wave) // SAMPLES_PER_FRAME)
-    active = _vad_frames(wave)
+def _energy_mask(wave: np.ndarray, num_frames: int) -> np.ndarray:
+    active = _energy_vad_frames(wave)
     per = SAMPLES_PER_FRAME // VAD_FRAME
     padded = np.zeros(num_frames * per, dtype=bool)
     m = min(len(active), len(padded))
     padded[:m] = active[:m]
     return padded.reshape(num_frames, per).any(axis=1)
+
+
+def speech_mask(wave: np.ndarray, num_frames: int | None = None, detector: str = "auto") -> np.ndarray:
+    """Per 40 ms video frame of a 16 kHz waveform: True when it holds speech. Length num_frames (default
+    ceil(len / 640)); frames past the end of the audio are False.
+
+    detector: "silero" (Silero VAD), "energy" (the fallback rule) or "auto" (Silero when silero-vad is installed).
+    Silero carries state along the waveform, so pass a whole clip and slice the mask per segment.
+    """
+    global _FALLBACK_WARNED
+    from preprocessing import vad
+
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if num_frames is None:
+        num_frames = -(-len(wave) // SAMPLES_PER_FRAME)
+    if num_frames == 0 or wave.size == 0:
+        return np.zeros(num_frames, dtype=bool)
+    if detector == "auto":
+        detector = "silero" if vad.available() else "energy"
+        if detector == "energy" and not _FALLBACK_WARNED:
+            _FALLBACK_WARNED = True
+            log.warning(
+                "silero-vad is not installed: speech activity uses the energy rule, which counts music"
+            )
+    if detector == "silero":
+        return _silero_mask(wave, num_frames)
+    if detector == "energy":
+        return _energy_mask(wave, num_frames)
+    raise ValueError(f"unknown speech detector {detector!r}: use auto, silero or energy")
+
+
+def speech_ratio(wave: np.ndarray, detector: str = "auto") -> float:
+    """Fraction of the 40 ms video frames of a 16 kHz waveform judged speech (see speech_mask); 0.0 when empty.
+    Compare with SPEECH_MIN_RATIO."""
+    mask = speech_mask(wave, detector=detector)
+    return float(mask.mean()) if mask.size else 0.0
 
 
 # --------------------------------------------------------------------------------------------- pretrained encoders
