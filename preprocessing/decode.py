@@ -17,6 +17,10 @@ STEP = "decode"
 CHUNK = 32  # frames decoded between two checks of the time limit
 # PyAV demuxers that read still images: a picture renamed to .mp4 is not a video.
 IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "gif", "tiff_pipe", "mjpeg")
+# A file whose frames end this far before the duration its container declares is truncated (its index survived
+# but its data did not): rejected as unreadable instead of kept as a shorter clip.
+TRUNCATED_SHORTFALL = 0.1  # share of the declared duration
+TRUNCATED_MIN_S = 0.5  # and at least this many seconds
 
 
 @dataclass
@@ -121,11 +125,30 @@ def _decode_pyav(path: str, fps: float, max_seconds: float, timeout_s: float, t0
         if prev is None:
             raise RejectError(UNREADABLE, STEP, f"{path}: the video stream holds no decodable frame")
         duration = last_start + 1.0 / avg
+        if len(out) / fps < cap:  # decoding ran to the stream's end (or to an error): all of it is here
+            _check_complete(path, duration, _declared_duration(container, stream))
         count = target_count(duration, fps, max_seconds)
         while len(out) < count:
             out.append(prev)
         frames = np.stack(out[:count]) if count else np.zeros((0,) + prev.shape, np.uint8)
         return Video(frames, fps, avg, duration, "pyav")
+
+
+def _declared_duration(container, stream) -> float | None:
+    """Seconds of video the file's index declares (the stream's, else the container's), None when unknown."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1e6 if container.duration else None
+
+
+def _check_complete(path: str, decoded: float, declared: float | None) -> None:
+    if declared and decoded < declared - max(TRUNCATED_MIN_S, TRUNCATED_SHORTFALL * declared):
+        raise RejectError(
+            UNREADABLE,
+            STEP,
+            f"{path}: truncated: its frames end at {decoded:.2f} s but its index declares {declared:.2f} s; "
+            "copy or download the file again",
+        )
 
 
 def decode_video(path: str, fps: float = 25.0, max_seconds: float = 0.0, timeout_s: float = 120.0) -> Video:

@@ -95,6 +95,9 @@ class DlibBackend:
     """HOG face detector + 68-point shape predictor, with box tracking between detections."""
 
     name = "dlib"
+    detector_min_face_px = (
+        40  # HOG's 80 px window on a frame upsampled once (frames under 400 px); 80 px on larger ones
+    )
 
     def __init__(self, detect_every: int = 10, detect_max_side: int = 320):
         import dlib
@@ -233,6 +236,7 @@ class FaceAlignmentBackend:
     """The face_alignment package (S3FD detector + 2D FAN), batched over frames."""
 
     name = "face_alignment"
+    detector_min_face_px = 16  # S3FD's smallest anchor
 
     def __init__(self, batch_size: int = 16):
         missing = missing_face_alignment_weights()

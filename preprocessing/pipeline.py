@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 INTERNAL_SUFFIX = ".internal.parquet"  # rejects/<hash>.internal.parquet: an internal error, retried on re-run
+# A video with no face found whose frames are this small is looked at again enlarged to ENLARGE_TO px: a face found
+# then was too small for the detector (face_too_small), not absent (no_face).
+SMALL_FRAME = 256
+ENLARGE_TO = 320
 
 
 # ---- per-source work ---------------------------------------------------------------------------------------------
@@ -266,6 +270,8 @@ class SourceProcessor:
             )
         else:
             track = self.backend().track(frames)
+            if not track.valid.any() or track.hits / max(track.probes, 1) < p.min_face_fraction:
+                self._reject_small_face(src, frames)
         self._judge(src, track)
         _, sides = tubes.face_geometry(track.landmarks[track.valid])
         if float(np.median(sides)) < p.min_face_px:
@@ -418,6 +424,32 @@ class SourceProcessor:
             # frames in face tubes too short to keep (between cuts / big moves); reported, not silent
             "frames_left_out": count - int(sum(r["num_frames"] for r in seg_rows)),
         }
+
+    def _reject_small_face(self, src: Source, frames: np.ndarray) -> None:
+        """No face found in a small video: look at three frames enlarged; a face found there is too small for the
+        detector, and is reported as face_too_small with its size."""
+        import cv2
+
+        from preprocessing.landmarks import landmark_box
+
+        side = min(frames.shape[1:3])
+        if side >= SMALL_FRAME or not len(frames):
+            return
+        scale = ENLARGE_TO / side
+        for t in np.linspace(0, len(frames) - 1, 3).astype(int):
+            big = cv2.resize(frames[t], None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+            faces = self.backend().faces_in_image(big)
+            if faces:
+                box = landmark_box(faces[0].landmarks) / scale
+                face = float(max(box[2] - box[0], box[3] - box[1]))
+                raise schema.RejectError(
+                    schema.FACE_TOO_SMALL,
+                    "landmarks",
+                    f"{src.uri}: the face is about {face:.0f} px in a {frames.shape[2]}x{frames.shape[1]} video, "
+                    f"too small for the {self.backend().name} face detector (it finds faces from about "
+                    f"{self.backend().detector_min_face_px} px) and below preprocess.min_face_px={self.p.min_face_px}; "
+                    "use a higher-resolution video",
+                )
 
     def _judge(self, src: Source, track) -> None:
         p = self.p

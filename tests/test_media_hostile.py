@@ -1,0 +1,67 @@
+"""Hostile and odd media made at test time from ../shared/media (issue 23): each must end as the right reject or a
+correct segment, never as a wrong clean result."""
+
+from __future__ import annotations
+
+import av
+import cv2
+import pytest
+from testkit import write_video
+
+from preprocessing import schema
+from preprocessing.decode import decode_video
+from preprocessing.params import PreprocessParams
+from preprocessing.sources import discover, hash_all
+
+
+def process(path, tmp_path, **params):
+    """Run one source through SourceProcessor (no Ray) -> (summary, rejects rows)."""
+    from preprocessing.dataset import read_rows
+    from preprocessing.pipeline import SourceProcessor
+
+    (src,) = hash_all(discover(str(path)))
+    out = tmp_path / "out"
+    settings = {"max_seconds_per_video": 2.0, "pairs_per_segment": 0, "landmark_backend": "dlib", **params}
+    summary = SourceProcessor(PreprocessParams(**settings).to_dict(), str(out))(src.to_dict())
+    rejects = read_rows(str(out), "rejects") if (out / "rejects").exists() else []
+    return summary, rejects
+
+
+def first_frames(path, n):
+    with av.open(str(path)) as container:
+        out = []
+        for frame in container.decode(video=0):
+            out.append(frame.to_ndarray(format="rgb24"))
+            if len(out) == n:
+                break
+    return out
+
+
+# ---- 4. truncated file whose index survived --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["edge_cases/DPE__s.mp4", "videos/LivePortrait__d20.mp4"])
+def test_truncated_mp4_with_its_index_is_unreadable(media_dir, tmp_path, name):
+    data = (media_dir / name).read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: int(0.3 * len(data))])  # these files keep their index (moov) in front
+    with pytest.raises(schema.RejectError) as info:
+        decode_video(str(path))
+    assert info.value.reason == schema.UNREADABLE and "truncated" in info.value.message
+    assert str(path) in info.value.message
+
+
+# ---- 6. a tiny talking-head video --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, size", [("videos/LivePortrait__d20.mp4", 56), ("videos/EDTalk__uncrop_Obama.mp4", 48)]
+)
+def test_tiny_talking_head_is_face_too_small(media_dir, tmp_path, name, size):
+    """At these sizes dlib finds the face in no frame (it was rejected as no_face); the enlarged look finds it."""
+    frames = first_frames(media_dir / name, 50)
+    path = tmp_path / "tiny.mp4"
+    write_video(path, [cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
+    summary, (row,) = process(path, tmp_path)
+    assert summary["reason"] == schema.FACE_TOO_SMALL, row["message"]
+    assert "too small for the dlib face detector" in row["message"] and "min_face_px=48" in row["message"]
