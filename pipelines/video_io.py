@@ -15,6 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from preprocessing.decode import decord_turns, quarter_turns
+
 FPS = 25  # the project's video timeline
 SAMPLE_RATE = 16000  # the project's audio rate
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
@@ -163,7 +165,9 @@ class DrivingVideo:
         self.source_fps = float(self.reader.get_avg_fps()) or FPS
         # frames of the 25 fps timeline covered by the source
         self.num_frames = max(1, int(round(self.source_frames * FPS / self.source_fps)))
-        first = self.reader[0].asnumpy()
+        # a clip stored turned with a display matrix is shown upright (decord turns only some containers' frames)
+        self.turns = decord_turns(self.reader, str(path))
+        first = self.frames(0, 1)[0]
         self.height, self.width = first.shape[:2]
 
     def source_index(self, t: np.ndarray) -> np.ndarray:
@@ -177,7 +181,8 @@ class DrivingVideo:
 
     def frames(self, start: int, stop: int) -> np.ndarray:
         idx = self.source_index(np.arange(start, stop))
-        return self.reader.get_batch(idx.tolist()).asnumpy()
+        frames = self.reader.get_batch(idx.tolist()).asnumpy()
+        return np.ascontiguousarray(np.rot90(frames, self.turns, axes=(1, 2))) if self.turns else frames
 
     def chunks(self, chunk: int, total: int | None = None) -> Iterator[np.ndarray]:
         total = self.num_frames if total is None else total
@@ -243,6 +248,12 @@ def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray
 
 
 def decode_frames(path: str | Path) -> np.ndarray:
-    """All frames of a (short) video as uint8 RGB [T,H,W,3]; for tests and evaluation of generated clips."""
+    """All frames of a (short) video as uint8 RGB [T,H,W,3], upright (display rotation applied); for tests and
+    evaluation of generated clips."""
     with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        return np.stack(
+            [
+                np.rot90(f.to_ndarray(format="rgb24"), quarter_turns(f.rotation or 0))
+                for f in container.decode(video=0)
+            ]
+        )

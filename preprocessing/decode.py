@@ -2,6 +2,10 @@
 
 decord first (fast, random access); PyAV where decord cannot open or read the file. Failures become RejectErrors
 with a reason code: unreadable, no_video_stream, decode_timeout.
+
+Frames come out as they are meant to be shown: a phone clip stored turned, with a display matrix saying how to turn
+it back, is turned back. PyAV reports the matrix's rotation on each frame; decord turns some containers' frames
+itself (mp4/mov) but not others (mkv), so `decord_turns` compares its first frame with PyAV's to know what is left.
 """
 
 from __future__ import annotations
@@ -56,6 +60,42 @@ def _timed_out(t0: float, timeout_s: float, path: str) -> None:
         )
 
 
+def quarter_turns(rotation: float) -> int:
+    """A display rotation (degrees counter-clockwise, as PyAV's frame.rotation) -> np.rot90 turns that show the
+    stored frame upright (0-3)."""
+    return int(round(rotation / 90.0)) % 4
+
+
+def first_frame_pyav(path: str) -> tuple[np.ndarray, int] | None:
+    """The first frame as stored and its quarter turns to upright (PyAV), None when PyAV cannot read one."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            frame = next(container.decode(video=0))
+            return frame.to_ndarray(format="rgb24"), quarter_turns(frame.rotation or 0)
+    except Exception:
+        return None
+
+
+def decord_turns(reader, path: str) -> int:
+    """Quarter turns still to apply to the frames of a decord VideoReader of `path` to show them upright: 0 when
+    the file has no rotation or decord already applied it."""
+    probe = first_frame_pyav(path)
+    if probe is None or probe[1] == 0:
+        return 0
+    stored, turns = probe
+    first = reader[0].asnumpy()
+    reader.seek(0)
+    upright = np.rot90(stored, turns)
+    if first.shape != upright.shape:
+        return turns if first.shape == stored.shape else 0
+    if first.shape != stored.shape:  # a quarter turn, and decord's frame already has the upright shape
+        return 0
+    diff = np.abs(first.astype(np.int16) - upright).mean(), np.abs(first.astype(np.int16) - stored).mean()
+    return 0 if diff[0] <= diff[1] else turns  # half turn: the closer of the two
+
+
 def _decode_decord(path: str, fps: float, max_seconds: float, timeout_s: float, t0: float) -> Video:
     import decord
 
@@ -63,6 +103,7 @@ def _decode_decord(path: str, fps: float, max_seconds: float, timeout_s: float, 
     n = len(vr)
     if n == 0:
         raise ValueError("no frames")
+    turns = decord_turns(vr, path)
     stamps = vr.get_frame_timestamp(range(n))
     starts = stamps[:, 0].astype(np.float64)
     duration = float(stamps[-1, 1])
@@ -74,6 +115,8 @@ def _decode_decord(path: str, fps: float, max_seconds: float, timeout_s: float, 
         chunks.append(vr.get_batch(uniq[i : i + CHUNK].tolist()).asnumpy())
         _timed_out(t0, timeout_s, path)
     frames = np.concatenate(chunks)[inverse] if chunks else np.zeros((0, 1, 1, 3), np.uint8)
+    if turns:
+        frames = np.ascontiguousarray(np.rot90(frames, turns, axes=(1, 2)))
     return Video(frames, fps, float(vr.get_avg_fps()), duration, "decord")
 
 
@@ -107,6 +150,8 @@ def _decode_pyav(path: str, fps: float, max_seconds: float, timeout_s: float, t0
             for k, frame in enumerate(container.decode(stream)):
                 start = float(frame.time) if frame.time is not None else k / avg
                 img = frame.to_ndarray(format="rgb24")
+                if frame.rotation:
+                    img = np.ascontiguousarray(np.rot90(img, quarter_turns(frame.rotation)))
                 # emit every output time that falls before this frame starts
                 while len(out) / fps < min(start, cap) - 1e-6:
                     out.append(prev if prev is not None else img)

@@ -3,8 +3,11 @@ correct segment, never as a wrong clean result."""
 
 from __future__ import annotations
 
+import time
+
 import av
 import cv2
+import numpy as np
 import pytest
 from testkit import write_video
 
@@ -65,3 +68,55 @@ def test_tiny_talking_head_is_face_too_small(media_dir, tmp_path, name, size):
     summary, (row,) = process(path, tmp_path)
     assert summary["reason"] == schema.FACE_TOO_SMALL, row["message"]
     assert "too small for the dlib face detector" in row["message"] and "min_face_px=48" in row["message"]
+
+
+# ---- 7. rotation metadata ----------------------------------------------------------------------------------------
+
+
+def rotated_clip(media_dir, tmp_path, angle: int, ext: str, n: int = 50):
+    """A real clip (480x360 portrait crop of d20) re-encoded turned clockwise by `angle`, with a display matrix
+    saying to turn it back, as phones store portrait video -> (path, the upright frames)."""
+    upright = [f[:, 60:420].copy() for f in first_frames(media_dir / "videos" / "LivePortrait__d20.mp4", n)]
+    path = tmp_path / f"phone_{angle}.{ext}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width = np.rot90(upright[0], -angle // 90).shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.set_display_rotation(angle)
+        for frame in upright:
+            stored = np.ascontiguousarray(np.rot90(frame, -angle // 90))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    return path, np.stack(upright)
+
+
+def assert_upright(frames, upright):
+    assert frames.shape[1:] == upright.shape[1:], frames.shape
+    assert np.abs(frames.astype(np.int16) - upright[: len(frames)]).mean() < 10
+
+
+@pytest.mark.parametrize("angle, ext", [(90, "mp4"), (270, "mkv"), (180, "mkv"), (90, "mkv")])
+def test_rotated_phone_clip_is_decoded_upright(media_dir, tmp_path, angle, ext):
+    from preprocessing.decode import _decode_pyav
+
+    path, upright = rotated_clip(media_dir, tmp_path, angle, ext, n=25)
+    assert_upright(decode_video(str(path)).frames, upright)  # decord, turned where decord did not
+    assert_upright(
+        _decode_pyav(str(path), 25.0, 0.0, 60.0, time.monotonic()).frames, upright
+    )  # the fallback decoder
+
+
+def test_rotated_phone_clip_gives_segments(media_dir, tmp_path):
+    path, _ = rotated_clip(media_dir, tmp_path, 90, "mkv")
+    summary, rejects = process(path, tmp_path)
+    assert summary["status"] == "segments", rejects  # was no_face: the face lay on its side
+
+
+def test_generation_reads_rotated_driving_video_upright(media_dir, tmp_path):
+    from pipelines.video_io import DrivingVideo, decode_frames
+
+    path, upright = rotated_clip(media_dir, tmp_path, 270, "mkv", n=10)
+    video = DrivingVideo(path)
+    assert (video.height, video.width) == upright.shape[1:3]
+    assert_upright(video.frames(0, 10), upright)
+    assert_upright(decode_frames(path), upright)
