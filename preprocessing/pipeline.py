@@ -204,19 +204,14 @@ class SourceProcessor:
         return path, wav
 
     def _sidecar(self, src: Source) -> dict:
+        from preprocessing.sidecars import SidecarError, parse
+
         if not src.json:
             return {}
         try:
-            doc = json.loads(storage.read_bytes(src.json).decode("utf-8"))
-            if not isinstance(doc, dict):
-                raise ValueError("the top level is not an object")
-        except Exception as exc:
-            raise schema.RejectError(
-                schema.UNREADABLE,
-                "sidecar",
-                f"{src.json}: sidecar JSON cannot be used ({exc}); fix or remove it",
-            ) from exc
-        return doc
+            return parse(storage.read_bytes(src.json), src.json)
+        except (SidecarError, OSError) as exc:
+            raise schema.RejectError(schema.UNREADABLE, "sidecar", str(exc)) from exc
 
     def _process_local(self, src: Source, path: str, wav_path: str | None) -> dict:
         from preprocessing import audio, swaps, tubes
@@ -311,9 +306,12 @@ class SourceProcessor:
         clock.lap("audio")
 
         # 4. transcript of the whole video (manifest, .txt, .json); per-segment ASR below when none
-        from preprocessing.transcripts import resolve_transcript
+        from preprocessing.transcripts import TranscriptError, resolve_transcript
 
-        text, _ = resolve_transcript(src.uri, src.transcript, side or None, None, None)
+        try:
+            text, _ = resolve_transcript(src.uri, src.transcript, side or None, None, None)
+        except TranscriptError as exc:
+            raise schema.RejectError(schema.UNREADABLE, "transcript", f"{src.uri}: {exc}") from exc
 
         # 5. tubes, segments, pairs
         factors = side.get("factors") if isinstance(side.get("factors"), dict) else None

@@ -3,6 +3,7 @@ correct segment, never as a wrong clean result."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import av
@@ -120,3 +121,36 @@ def test_generation_reads_rotated_driving_video_upright(media_dir, tmp_path):
     assert (video.height, video.width) == upright.shape[1:3]
     assert_upright(video.frames(0, 10), upright)
     assert_upright(decode_frames(path), upright)
+
+
+# ---- 8. malformed sidecar contents -------------------------------------------------------------------------------
+
+LANDMARKS_3 = [[[10.0, 20.0]] * 68] * 3
+
+
+@pytest.mark.parametrize(
+    "doc, field",
+    [
+        ({"fps": "25"}, "fps"),
+        ({"fps": -1}, "fps"),
+        ({"landmarks": [[1, 2]]}, "landmarks"),
+        ({"landmarks": "not a list"}, "landmarks"),
+        ({"landmarks": [[["x", "y"]] * 68]}, "landmarks"),
+        ({"fps": 25, "landmarks": LANDMARKS_3, "factors": {"yaw": 5}}, "factors.yaw"),
+        ({"factors": [1, 2]}, "factors"),
+        ({"speaker": {"name": "x"}}, "speaker"),
+        ({"transcript": ["a", "b"]}, "transcript"),
+        ([1, 2, 3], "top level"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_malformed_sidecar_is_rejected_naming_the_field(media_dir, tmp_path, doc, field):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes((media_dir / "edge_cases" / "DPE__s.mp4").read_bytes())
+    (tmp_path / "clip.json").write_text(json.dumps(doc))
+    summary, rejects = process(video, tmp_path, landmark_backend="sidecar")
+    (row,) = rejects
+    assert summary["reason"] == schema.UNREADABLE and row["step"] == "sidecar", row["message"]
+    assert f"'{field}'" in row["message"] or field in row["message"]
+    assert "Traceback" not in row["message"] and str(tmp_path / "clip.json") in row["message"]
+    assert not list((tmp_path / "out" / "rejects").glob("*.internal.parquet"))  # not retried on every run
