@@ -114,13 +114,29 @@ def _decode_pyav(name: str, data: bytes | None, path: str | None) -> tuple[np.nd
         # Convert every frame to planar float at its own rate; channel mixing and resampling happen in numpy/soxr.
         resampler = av.AudioResampler(format="fltp")
         chunks: list[np.ndarray] = []
+        first_time = None
         for frame in container.decode(stream):
+            if first_time is None and frame.time is not None:
+                first_time = float(frame.time)
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().mean(axis=0))
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray().mean(axis=0))
-    wave = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    return wave, rate
+        wave = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        return _stream_span(wave, rate, stream, first_time), rate
+
+
+def _stream_span(wave: np.ndarray, rate: int, stream: Any, first_time: float | None) -> np.ndarray:
+    """Keep only the samples the stream declares: an encoder's priming samples before the stream's start time
+    (when the demuxer has not dropped them) and the padding of its last frame past start + duration are cut (an
+    AAC file of 3.00 s decodes to 3.02 s, which made 76 video frames of a 75-frame clip)."""
+    base = stream.time_base
+    start = float(stream.start_time * base) if stream.start_time is not None and base else None
+    if start is not None and first_time is not None and first_time < start:
+        wave = wave[int(round((start - first_time) * rate)) :]
+    if stream.duration and base:
+        wave = wave[: int(round(float(stream.duration * base) * rate))]
+    return wave
 
 
 def _decode_decord(path: str) -> np.ndarray | None:

@@ -10,6 +10,7 @@ itself (mp4/mov) but not others (mkv), so `decord_turns` compares its first fram
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -199,6 +200,10 @@ def _check_complete(path: str, decoded: float, declared: float | None) -> None:
 def decode_video(path: str, fps: float = 25.0, max_seconds: float = 0.0, timeout_s: float = 120.0) -> Video:
     """Decode a local video file to RGB frames at `fps`, choosing source frames by their timestamps."""
     t0 = time.monotonic()
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise RejectError(
+            UNREADABLE, STEP, f"{path}: empty file (0 bytes); copy or download it again, or remove it"
+        )
     try:
         return _decode_decord(path, fps, max_seconds, timeout_s, t0)
     except RejectError:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing import schema, storage
+from preprocessing.finished import reconcile
 from preprocessing.params import ParamsError, PreprocessParams
 from preprocessing.sources import Source, discover, hash_all
 
@@ -528,6 +529,7 @@ def run(input_spec: str, output: str, params: PreprocessParams, progress: bool =
     preflight(params)
     storage.makedirs(output)
     done = done_hashes(output)
+    renamed, label_changes = reconcile(output, sources, done)
     pending = [s for h, s in unique.items() if h not in done]
     log.info(
         "preprocess: %d input(s), %d already done, %d to process",
@@ -549,6 +551,8 @@ def run(input_spec: str, output: str, params: PreprocessParams, progress: bool =
         "skipped": len(unique) - len(pending),
         "processed": len(pending),
         "duplicates": duplicates,
+        "renamed": renamed,
+        "label_changes": label_changes,
         "segments": sum(r["segments"] for r in results),
         "frames": frames,
         "decoded_frames": sum(r.get("decoded_frames", 0) for r in results),

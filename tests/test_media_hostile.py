@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from fractions import Fraction
 
 import av
 import cv2
@@ -154,3 +155,63 @@ def test_malformed_sidecar_is_rejected_naming_the_field(media_dir, tmp_path, doc
     assert f"'{field}'" in row["message"] or field in row["message"]
     assert "Traceback" not in row["message"] and str(tmp_path / "clip.json") in row["message"]
     assert not list((tmp_path / "out" / "rejects").glob("*.internal.parquet"))  # not retried on every run
+
+
+# ---- 12. smaller: empty file, renamed clip, new labels, AAC padding ----------------------------------------------
+
+
+def test_zero_byte_file_is_called_empty(tmp_path):
+    path = tmp_path / "zero.mp4"
+    path.write_bytes(b"")
+    with pytest.raises(schema.RejectError) as info:
+        decode_video(str(path))
+    assert info.value.reason == schema.UNREADABLE and "empty file (0 bytes)" in info.value.message
+
+
+def test_renamed_clip_gets_its_new_path_and_new_labels_are_reported(media_dir, tmp_path, caplog):
+    """Finished videos are skipped by content hash; a rename is followed in the tables, a relabel is warned about."""
+    from preprocessing.dataset import read_rows
+    from preprocessing.pipeline import run
+
+    first = tmp_path / "a" / "clip.mp4"
+    first.parent.mkdir()
+    first.write_bytes((media_dir / "edge_cases" / "DPE__s.mp4").read_bytes())
+    summary, _ = process(first, tmp_path)
+    assert summary["status"] == "segments"
+    moved = tmp_path / "b" / "renamed.mp4"
+    moved.parent.mkdir()
+    first.rename(moved)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"path": str(moved), "speaker": "alice", "split": "val"}) + "\n")
+    stats = run(
+        str(manifest), str(tmp_path / "out"), PreprocessParams(landmark_backend="dlib"), progress=False
+    )
+    assert stats["processed"] == 0 and stats["renamed"] == [{"source": str(moved), "was": str(first)}]
+    rows = read_rows(str(tmp_path / "out"), "segments")
+    assert rows and {r["source"] for r in rows} == {str(moved)}
+    (change,) = stats["label_changes"]
+    assert change["speaker"] == {"recorded": "clip", "manifest": "alice"}
+    assert change["split"]["manifest"] == "val" and {r["speaker"] for r in rows} == {"clip"}
+    assert "NOT applied" in caplog.text and "to relabel" in caplog.text.lower()
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_m4a_of_3_seconds_gives_75_frames(media_dir, tmp_path, rate):
+    """AAC pads its last frame (and may prime its first): only the samples the stream declares are kept."""
+    import soxr
+
+    from preprocessing.audio import SAMPLES_PER_FRAME, load_audio
+
+    wave = load_audio(media_dir / "audio" / "SadTalker__RD_Radio34_002.wav")[:48000]
+    wave = soxr.resample(wave, 16000, rate).astype(np.float32) if rate != 16000 else wave
+    path = tmp_path / "speech.m4a"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(wave[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    got = load_audio(path)
+    assert abs(len(got) - 48000) <= 1, len(got)
+    assert -(-len(got) // SAMPLES_PER_FRAME) == 75
