@@ -438,9 +438,11 @@ class SourceProcessor:
         for t in np.linspace(0, len(frames) - 1, 3).astype(int):
             big = cv2.resize(frames[t], None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
             faces = self.backend().faces_in_image(big)
-            if faces:
-                box = landmark_box(faces[0].landmarks) / scale
-                face = float(max(box[2] - box[0], box[3] - box[1]))
+            if not faces:
+                continue
+            box = landmark_box(faces[0].landmarks) / scale
+            face = float(max(box[2] - box[0], box[3] - box[1]))
+            if face < max(self.p.min_face_px, self.backend().detector_min_face_px):
                 raise schema.RejectError(
                     schema.FACE_TOO_SMALL,
                     "landmarks",
