@@ -54,9 +54,9 @@ def test_numpy_port_matches_the_packages_torchscript_model(media_dir):
     """Our numpy network with the TorchScript model's weights gives that model's probabilities (works offline on
     this torch); the shipped safetensors weights give the same decisions on real speech."""
     torch = pytest.importorskip("torch")
-    from silero_vad import load_silero_vad
 
-    model = load_silero_vad()
+    # loaded directly: importing the silero_vad package would set torch's thread count for the whole test session
+    model = torch.jit.load(str(vad.weights_path().parent / "silero_vad.jit"), map_location="cpu").eval()
     names = {"stft.forward_basis_buffer": "stft_conv.weight", "decoder.decoder.2.weight": "final_conv.weight"}
     names["decoder.decoder.2.bias"] = "final_conv.bias"
     weights = {}
