@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,44 +40,50 @@ def _rewrite_source(path: str, new_uri: str) -> None:
     storage.write_bytes_atomic(path, buf.getvalue())
 
 
-def reconcile(output: str, sources: list[Source], done: set[str]) -> tuple[list[dict], list[dict]]:
-    """-> (renamed, label_changes) for the finished ones among `sources` (every input, duplicates included)."""
+def reconcile(
+    output: str, sources: list[Source], done: set[str], threads: int = 16
+) -> tuple[list[dict], list[dict]]:
+    """-> (renamed, label_changes) for the finished ones among `sources` (every input, duplicates included).
+    One small column read per finished video (a thread pool: on object storage these are round trips)."""
     current: dict[str, set[str]] = {}
+    first: dict[str, Source] = {}
     for src in sources:
         current.setdefault(src.hash, set()).add(src.uri)
-    first = {}
-    for src in sources:
         first.setdefault(src.hash, src)
-    renamed, changes = [], []
-    for h in sorted(done & set(first)):
-        src = first[h]
-        seg = storage.join(output, "segments", f"{h}.parquet")
-        path = seg if storage.exists(seg) else storage.join(output, "rejects", f"{h}.parquet")
-        columns = ["source"] + (list(LABELS) if path == seg else [])
-        rows = _read(path, columns).slice(0, 1).to_pylist()
-        if not rows:
-            continue
-        row = rows[0]
-        if row["source"] not in current[h]:
-            _rewrite_source(path, src.uri)
-            renamed.append({"source": src.uri, "was": row["source"]})
-            log.info("%s was processed as %s: its rows now name the new path", src.uri, row["source"])
-        given = {k: getattr(src, k) for k in LABELS if getattr(src, k)}
-        differ = {k: (row[k], v) for k, v in given.items() if k in row and row[k] != v}
-        if differ:
-            changes.append(
-                {
-                    "source": src.uri,
-                    "hash": h,
-                    **{k: {"recorded": a, "manifest": b} for k, (a, b) in differ.items()},
-                }
-            )
-            log.warning(
-                "%s is already processed with %s; the new manifest labels are NOT applied. To relabel it, delete "
-                "%s and %s and run again",
-                src.uri,
-                ", ".join(f"{k}={a!r} (manifest: {b!r})" for k, (a, b) in differ.items()),
-                seg,
-                storage.join(output, "pairs", f"{h}.parquet"),
-            )
+    finished = sorted(done & set(first))
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda h: _one(output, first[h], current[h]), finished))
+    renamed = [r for r, _ in results if r]
+    changes = [c for _, c in results if c]
     return renamed, changes
+
+
+def _one(output: str, src: Source, current: set[str]) -> tuple[dict | None, dict | None]:
+    h = src.hash
+    seg = storage.join(output, "segments", f"{h}.parquet")
+    path = seg if storage.exists(seg) else storage.join(output, "rejects", f"{h}.parquet")
+    rows = _read(path, ["source"] + (list(LABELS) if path == seg else [])).slice(0, 1).to_pylist()
+    if not rows:
+        return None, None
+    row, renamed, change = rows[0], None, None
+    if row["source"] not in current:
+        _rewrite_source(path, src.uri)
+        renamed = {"source": src.uri, "was": row["source"]}
+        log.info("%s was processed as %s: its rows now name the new path", src.uri, row["source"])
+    given = {k: getattr(src, k) for k in LABELS if getattr(src, k)}
+    differ = {k: (row[k], v) for k, v in given.items() if k in row and row[k] != v}
+    if differ:
+        change = {
+            "source": src.uri,
+            "hash": h,
+            **{k: {"recorded": a, "manifest": b} for k, (a, b) in differ.items()},
+        }
+        log.warning(
+            "%s is already processed with %s; the new manifest labels are NOT applied. To relabel it, delete "
+            "%s and %s and run again",
+            src.uri,
+            ", ".join(f"{k}={a!r} (manifest: {b!r})" for k, (a, b) in differ.items()),
+            seg,
+            storage.join(output, "pairs", f"{h}.parquet"),
+        )
+    return renamed, change
