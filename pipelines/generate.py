@@ -206,11 +206,34 @@ class FaceCropper:
     def identity(self, image: np.ndarray, name: str, size: int) -> np.ndarray:
         """Exactly one face -> its crop (size x size uint8). Errors name the image."""
         from preprocessing import tubes
-        from preprocessing.landmarks import detect_single_face
+        from preprocessing.landmarks import MultipleFacesError, detect_single_face
 
         face = detect_single_face(image, self.backend, name=name)
+        faces = distinct_faces(self.face_boxes(image))
+        if faces > 1:
+            raise MultipleFacesError(
+                f"{name}: {faces} faces found (some turned or tilted); crop the image to the one face to animate"
+            )
         box = tubes.tube_box(face.landmarks[None], self.prep.crop_scale, self.prep.crop_shift_up)
         return tubes.crop(image[None], box, size)[0]
+
+    def face_boxes(self, image: np.ndarray) -> list[np.ndarray]:
+        """Face boxes (x0, y0, x1, y1) found upright and at the ROTATIONS, in the image's pixels. The upright pass
+        of dlib also runs its CNN detector, which finds turned (profile) and tilted faces the HOG detector misses;
+        the rotated passes find faces tilted past what either detector covers."""
+        image = np.ascontiguousarray(image)
+        detect = getattr(self.backend, "detect", None)  # dlib: the HOG detector alone (fast)
+        boxes = [f.box for f in self.backend.faces_in_image(image)]
+        if detect is not None:
+            boxes += list(self.backend.detect_cnn(image))
+        for degrees in ROTATIONS:
+            turned, back = rotate_image(image, degrees)
+            if detect is not None:
+                found = detect(cv2_gray(turned))
+            else:
+                found = [f.box for f in self.backend.faces_in_image(turned)]
+            boxes += [rotate_box(box, back) for box in found]
+        return boxes
 
     def video_box(self, video: video_io.DrivingVideo, probes: int) -> np.ndarray:
         """One box for a whole driving video from its face on `probes` evenly spaced frames (largest face)."""
@@ -229,6 +252,50 @@ class FaceCropper:
                 "face, or set generate.crop_driving=false if it is already a face crop"
             )
         return tubes.tube_box(np.stack(marks), self.prep.crop_scale, self.prep.crop_shift_up)
+
+
+ROTATIONS = (-90, -45, 45, 90, 180)  # degrees: identity images are also searched for faces turned this far
+
+
+def cv2_gray(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def rotate_image(image: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image rotated on a canvas large enough to keep all of it, and the 2x3 map back to its pixels."""
+    import cv2
+
+    h, w = image.shape[:2]
+    fwd = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    cos, sin = abs(fwd[0, 0]), abs(fwd[0, 1])
+    nw, nh = int(np.ceil(w * cos + h * sin)), int(np.ceil(w * sin + h * cos))
+    fwd[:, 2] += ((nw - w) / 2, (nh - h) / 2)
+    turned = cv2.warpAffine(image, fwd, (nw, nh), borderMode=cv2.BORDER_CONSTANT)
+    return turned, cv2.invertAffineTransform(fwd)
+
+
+def rotate_box(box: np.ndarray, back: np.ndarray) -> np.ndarray:
+    """A box found in a rotated image -> the same-sized box around its centre in the original image."""
+    centre = back @ np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, 1.0])
+    half = np.array([box[2] - box[0], box[3] - box[1]]) / 2
+    return np.concatenate([centre - half, centre + half]).astype(np.float32)
+
+
+def distinct_faces(boxes: list[np.ndarray]) -> int:
+    """Faces among boxes from several detectors and orientations: boxes whose centres lie within half a face of
+    each other are one face; faces smaller than MULTI_FACE_SIDE x the largest are not counted (as detection)."""
+    from preprocessing.landmarks import MULTI_FACE_SIDE
+
+    sides = [float(max(b[2] - b[0], b[3] - b[1])) for b in boxes]
+    faces: list[tuple[np.ndarray, float]] = []
+    for box, side in sorted(zip(boxes, sides, strict=True), key=lambda x: -x[1]):
+        centre = (box[:2] + box[2:]) / 2
+        if not any(np.linalg.norm(centre - c) < 0.5 * max(side, s) for c, s in faces):
+            faces.append((centre, side))
+    largest = max(sides, default=0.0)
+    return sum(1 for _, side in faces if side >= MULTI_FACE_SIDE * largest)
 
 
 def to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:
