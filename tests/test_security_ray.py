@@ -7,11 +7,13 @@ GCS, raylet, workers and agents used to listen on every interface (`::`), so any
 from __future__ import annotations
 
 import ast
+import glob
 import ipaddress
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +33,15 @@ def _listening(procs: list[psutil.Process]) -> set[tuple[str, str, int]]:
         except psutil.Error:
             pass  # a process that ended meanwhile
     return found
+
+
+def _scratch(before: set[str]) -> set[str]:
+    """edtalk-* folders in the temp folder (and one level down: a worker's TMPDIR) that were not in `before`."""
+    tmp = tempfile.gettempdir()
+    return (
+        set(glob.glob(os.path.join(tmp, "edtalk-*")) + glob.glob(os.path.join(tmp, "edtalk-*", "edtalk-*")))
+        - before
+    )
 
 
 def _is_loopback(ip: str) -> bool:
@@ -62,7 +73,7 @@ def test_every_ray_init_goes_through_the_loopback_helper():
 @pytest.mark.slow
 def test_preprocess_ray_listens_on_loopback_and_dies_with_the_command(tmp_path, media_dir):
     """`edtalk preprocess` without RAY_ADDRESS: every listening socket of the Ray processes it starts is on
-    loopback; SIGTERM ends the command and every process it started."""
+    loopback; SIGTERM ends the command and every process it started, and leaves no edtalk-* temporary folder."""
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "clip.mp4").symlink_to(media_dir / "videos" / "EDTalk__mouth_source_muxed.mp4")
@@ -72,6 +83,7 @@ def test_preprocess_ray_listens_on_loopback_and_dies_with_the_command(tmp_path, 
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "pipelines.cli", "preprocess", "--input", str(raw), "--output"]
     cmd += [str(tmp_path / "out"), "--no-progress", "--set", "preprocess.landmark_backend=dlib"]
+    before = _scratch(set())
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)  # fmt: skip
     try:
@@ -79,8 +91,8 @@ def test_preprocess_ray_listens_on_loopback_and_dies_with_the_command(tmp_path, 
         deadline, children = time.monotonic() + 120, []
         while time.monotonic() < deadline and proc.poll() is None:
             children = parent.children(recursive=True)
-            if any("SourceProcessor" in p.name() for p in children if p.is_running()):
-                break  # Ray is up and its workers run
+            if any("pre-" in os.path.basename(d) for d in _scratch(before)):
+                break  # Ray is up and a worker is processing the video (its edtalk-pre-* scratch folder exists)
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         children = parent.children(recursive=True)
@@ -94,6 +106,7 @@ def test_preprocess_ray_listens_on_loopback_and_dies_with_the_command(tmp_path, 
         proc.wait(timeout=60)
         _gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"processes outlived the command: {[(p.pid, p.name()) for p in alive]}"
+        assert not _scratch(before), f"the killed command left {_scratch(before)}"
     finally:
         if proc.poll() is None:
             proc.kill()
