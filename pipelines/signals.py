@@ -32,10 +32,12 @@ def _raise(signum, frame):
 
 
 def terminate_like_interrupt() -> None:
-    """Make SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) in the main thread."""
+    """Make SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) in the main thread. A signal the caller
+    chose to ignore (`nohup` ignores SIGHUP) stays ignored."""
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
-            signal.signal(sig, _raise)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, _raise)
 
 
 def exit_code(exc: BaseException) -> int:
