@@ -209,7 +209,7 @@ class FaceCropper:
         from preprocessing.landmarks import MultipleFacesError, detect_single_face
 
         face = detect_single_face(image, self.backend, name=name)
-        faces = distinct_faces(self.face_boxes(image))
+        faces = distinct_faces(self.face_boxes(image, upright=[face.box]))
         if faces > 1:
             raise MultipleFacesError(
                 f"{name}: {faces} faces found (some turned or tilted); crop the image to the one face to animate"
@@ -217,13 +217,13 @@ class FaceCropper:
         box = tubes.tube_box(face.landmarks[None], self.prep.crop_scale, self.prep.crop_shift_up)
         return tubes.crop(image[None], box, size)[0]
 
-    def face_boxes(self, image: np.ndarray) -> list[np.ndarray]:
-        """Face boxes (x0, y0, x1, y1) found upright and at the ROTATIONS, in the image's pixels. The upright pass
-        of dlib also runs its CNN detector, which finds turned (profile) and tilted faces the HOG detector misses;
-        the rotated passes find faces tilted past what either detector covers."""
+    def face_boxes(self, image: np.ndarray, upright: list[np.ndarray]) -> list[np.ndarray]:
+        """`upright` (the boxes the backend found in the image as it is) plus the boxes found at the ROTATIONS, in
+        the image's pixels. With dlib the upright pass adds its CNN detector, which finds turned (profile) and
+        tilted faces the HOG detector misses; the rotated passes find faces tilted past what either covers."""
         image = np.ascontiguousarray(image)
         detect = getattr(self.backend, "detect", None)  # dlib: the HOG detector alone (fast)
-        boxes = [f.box for f in self.backend.faces_in_image(image)]
+        boxes = list(upright)
         if detect is not None:
             boxes += list(self.backend.detect_cnn(image))
         for degrees in ROTATIONS:
