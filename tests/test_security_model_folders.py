@@ -93,3 +93,16 @@ def test_speech_encoder_folder_with_an_unknown_model_type_is_refused(tmp_path):
     _plant(folder, "config.json", config_map, marker, model_type="hubert")
     res = _run(["-c", probe.format(str(folder))])
     assert not marker.exists() and res.stdout.strip() == "HubertModel", res.stdout + res.stderr[-2000:]
+
+
+def test_the_code_names_no_auto_class():
+    """Auto* classes follow a folder's auto_map: the project loads concrete classes only (preprocessing/hf_loading)."""
+    import re
+
+    found = []
+    for folder in ("edtalk", "pipelines", "preprocessing", "bench", "scripts"):
+        for path in (REPO / folder).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r"\bAuto[A-Z]\w+", line):
+                    found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, found
