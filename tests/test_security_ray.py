@@ -111,3 +111,22 @@ def test_preprocess_ray_listens_on_loopback_and_dies_with_the_command(tmp_path, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_workers_get_the_callers_env_and_a_scratch_folder_removed_at_exit():
+    """local_ray.init keeps the caller's runtime_env variables (the training runner passes its own) and gives the
+    workers a TMPDIR of this command, gone once the process exits."""
+    code = (
+        "import os, tempfile, ray; from preprocessing import local_ray\n"
+        "local_ray.init(num_cpus=1, runtime_env={'env_vars': {'EDTALK_PROBE': 'kept'}})\n"
+        "f = ray.remote(lambda: (os.environ.get('EDTALK_PROBE'), tempfile.gettempdir()))\n"
+        "probe, tmp = ray.get(f.remote()); print(probe, tmp, os.path.isdir(tmp))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    probe, tmp, existed = res.stdout.split()[-3:]
+    assert res.returncode == 0 and probe == "kept" and existed == "True", res.stdout + res.stderr[-2000:]
+    assert os.path.basename(tmp).startswith("edtalk-ray-") and not os.path.exists(tmp)
