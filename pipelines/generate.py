@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,11 +206,34 @@ class FaceCropper:
     def identity(self, image: np.ndarray, name: str, size: int) -> np.ndarray:
         """Exactly one face -> its crop (size x size uint8). Errors name the image."""
         from preprocessing import tubes
-        from preprocessing.landmarks import detect_single_face
+        from preprocessing.landmarks import MultipleFacesError, detect_single_face
 
         face = detect_single_face(image, self.backend, name=name)
+        faces = distinct_faces(self.face_boxes(image, upright=[face.box]))
+        if faces > 1:
+            raise MultipleFacesError(
+                f"{name}: {faces} faces found (some turned or tilted); crop the image to the one face to animate"
+            )
         box = tubes.tube_box(face.landmarks[None], self.prep.crop_scale, self.prep.crop_shift_up)
         return tubes.crop(image[None], box, size)[0]
+
+    def face_boxes(self, image: np.ndarray, upright: list[np.ndarray]) -> list[np.ndarray]:
+        """`upright` (the boxes the backend found in the image as it is) plus the boxes found at the ROTATIONS, in
+        the image's pixels. With dlib the upright pass adds its CNN detector, which finds turned (profile) and
+        tilted faces the HOG detector misses; the rotated passes find faces tilted past what either covers."""
+        image = np.ascontiguousarray(image)
+        detect = getattr(self.backend, "detect", None)  # dlib: the HOG detector alone (fast)
+        boxes = list(upright)
+        if detect is not None:
+            boxes += list(self.backend.detect_cnn(image))
+        for degrees in ROTATIONS:
+            turned, back = rotate_image(image, degrees)
+            if detect is not None:
+                found = detect(cv2_gray(turned))
+            else:
+                found = [f.box for f in self.backend.faces_in_image(turned)]
+            boxes += [rotate_box(box, back) for box in found]
+        return boxes
 
     def video_box(self, video: video_io.DrivingVideo, probes: int) -> np.ndarray:
         """One box for a whole driving video from its face on `probes` evenly spaced frames (largest face)."""
@@ -228,6 +252,50 @@ class FaceCropper:
                 "face, or set generate.crop_driving=false if it is already a face crop"
             )
         return tubes.tube_box(np.stack(marks), self.prep.crop_scale, self.prep.crop_shift_up)
+
+
+ROTATIONS = (-90, -45, 45, 90, 180)  # degrees: identity images are also searched for faces turned this far
+
+
+def cv2_gray(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def rotate_image(image: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image rotated on a canvas large enough to keep all of it, and the 2x3 map back to its pixels."""
+    import cv2
+
+    h, w = image.shape[:2]
+    fwd = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    cos, sin = abs(fwd[0, 0]), abs(fwd[0, 1])
+    nw, nh = int(np.ceil(w * cos + h * sin)), int(np.ceil(w * sin + h * cos))
+    fwd[:, 2] += ((nw - w) / 2, (nh - h) / 2)
+    turned = cv2.warpAffine(image, fwd, (nw, nh), borderMode=cv2.BORDER_CONSTANT)
+    return turned, cv2.invertAffineTransform(fwd)
+
+
+def rotate_box(box: np.ndarray, back: np.ndarray) -> np.ndarray:
+    """A box found in a rotated image -> the same-sized box around its centre in the original image."""
+    centre = back @ np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2, 1.0])
+    half = np.array([box[2] - box[0], box[3] - box[1]]) / 2
+    return np.concatenate([centre - half, centre + half]).astype(np.float32)
+
+
+def distinct_faces(boxes: list[np.ndarray]) -> int:
+    """Faces among boxes from several detectors and orientations: boxes whose centres lie within half a face of
+    each other are one face; faces smaller than MULTI_FACE_SIDE x the largest are not counted (as detection)."""
+    from preprocessing.landmarks import MULTI_FACE_SIDE
+
+    sides = [float(max(b[2] - b[0], b[3] - b[1])) for b in boxes]
+    faces: list[tuple[np.ndarray, float]] = []
+    for box, side in sorted(zip(boxes, sides, strict=True), key=lambda x: -x[1]):
+        centre = (box[:2] + box[2:]) / 2
+        if not any(np.linalg.norm(centre - c) < 0.5 * max(side, s) for c, s in faces):
+            faces.append((centre, side))
+    largest = max(sides, default=0.0)
+    return sum(1 for _, side in faces if side >= MULTI_FACE_SIDE * largest)
 
 
 def to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -369,6 +437,10 @@ def plan_sources(
     values = {s: getattr(req, s) for s in SPACES}
     if req.video is not None and not Path(req.video).is_file():
         raise GenerateError(f"--video {req.video}: no such file; pass a driving video")
+    # Driving videos open first: a corrupt one is reported as a video problem, not by the audio decoder below.
+    for path in {req.video, *values.values()} - {None}:
+        if video_io.is_video(path) and Path(path).is_file():
+            video_io.DrivingVideo(path)
     audio, audio_source = None, None
     if req.audio is not None:
         audio_source = req.audio
@@ -424,6 +496,53 @@ def plan_sources(
 
         audio = fit_length(audio, num_frames * SAMPLES_PER_FRAME)
     return Plan(kinds=kinds, num_frames=num_frames, audio=audio, audio_source=audio_source)
+
+
+# ---------------------------------------------------------------------------------------------------- the output
+OUTPUT_SUFFIX = ".mp4"  # the writer makes H.264 + AAC in an MP4 container
+PARTIAL = ".partial-"  # NAME.mp4 is written as .NAME.mp4.partial-PID.mp4 beside it, renamed when complete
+
+
+def check_output(req: Request) -> Path:
+    """The --output path, checked before any work: an .mp4 file name in a folder that exists or can be made."""
+    out = Path(req.output)
+    if out.suffix.lower() != OUTPUT_SUFFIX:
+        got = f"extension {out.suffix!r}" if out.suffix else "no extension"
+        raise GenerateError(f"--output {out}: {got}; the output is an MP4 (H.264 + AAC): name it NAME.mp4")
+    if out.is_dir():
+        raise GenerateError(f"--output {out} is an existing folder; give a file name, e.g. {out / 'out.mp4'}")
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise GenerateError(f"--output {out}: {folder} is a file, not a folder; choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GenerateError(f"--output {out}: folder {folder} is not writable; choose another output path")
+    inputs = [req.identity, req.audio, req.video, *(getattr(req, s) for s in SPACES)]
+    if any(v and Path(v).exists() and Path(v).resolve() == out.resolve() for v in inputs):
+        raise GenerateError(f"--output {out} is also an input; choose another output path")
+    return out
+
+
+def partial_path(out: Path) -> Path:
+    """Where `out` is written until it is complete: hidden, beside it (same file system: the rename is atomic)."""
+    return out.with_name(f".{out.name}{PARTIAL}{os.getpid()}{OUTPUT_SUFFIX}")
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Partial files of `out` left by runs that were killed outright (SIGKILL) and whose process is gone."""
+    for stale in out.parent.glob(f".{out.name}{PARTIAL}*{OUTPUT_SUFFIX}"):
+        pid = stale.name[len(f".{out.name}{PARTIAL}") : -len(OUTPUT_SUFFIX)]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -618,6 +737,7 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     from preprocessing.audio import load_audio
 
     t_start = time.perf_counter()
+    out = check_output(req)
     prep = prep or PreprocessParams()
     if params.threads:
         torch.set_num_threads(params.threads)
@@ -641,12 +761,12 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
         ident = renderer.encode_identity(to_tensor(identity_crop[None], device))
     timers["load"] = time.perf_counter() - t_start
     preview = params.preview if req.preview is None else req.preview
-    out = Path(req.output)
     preview_path = out.with_name(out.stem + "_preview.mp4") if preview else None
     sample_rate = video_io.SAMPLE_RATE if plan.audio is not None else None
     writer_args = {"sample_rate": sample_rate, "crf": params.crf, "preset": params.x264_preset,
                    "audio_bitrate": params.audio_bitrate}  # fmt: skip
-    writer = video_io.VideoWriter(out, size, size, **writer_args)
+    remove_stale_partials(out)
+    writer = video_io.VideoWriter(partial_path(out), size, size, **writer_args)
     previewer = None
     digest = hashlib.sha256()  # of the rendered frames before encoding: identical generations, identical hash
     try:
@@ -677,7 +797,9 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
                 still = np.broadcast_to(identity_crop, frames.shape)
                 sheet = np.concatenate([still, *panels, frames], axis=2)
                 if previewer is None:
-                    previewer = video_io.VideoWriter(preview_path, sheet.shape[2], size, **writer_args)
+                    previewer = video_io.VideoWriter(
+                        partial_path(preview_path), sheet.shape[2], size, **writer_args
+                    )
                 previewer.write(sheet, audio)
             t3 = time.perf_counter()
             timers["decode"] += drivers.decode_time
@@ -692,10 +814,16 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
         if previewer is not None:
             previewer.close()
         timers["encode_mux"] += time.perf_counter() - t2
-    except BaseException:
-        writer.__exit__(RuntimeError, None, None)
+        # complete: the finished files take their names (a killed run leaves no file under them)
+        os.replace(writer.path, out)
         if previewer is not None:
-            previewer.__exit__(RuntimeError, None, None)
+            os.replace(previewer.path, preview_path)
+    except BaseException:  # errors, Ctrl-C, SIGTERM (pipelines/signals.py): no partial file stays behind
+        for w in (writer, previewer):
+            if w is not None and w.container is not None:
+                w.__exit__(RuntimeError, None, None)
+            elif w is not None:
+                w.path.unlink(missing_ok=True)
         raise
     timers["drive"] -= timers["decode"]  # decode time was measured inside the drive phase
     writers = [w for w in (writer, previewer) if w is not None]

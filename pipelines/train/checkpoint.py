@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 FINAL_DIR = "final"
 ENGINE_TAGS = ("generator", "discriminator")
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it on every call
 
 
 def save(engines: dict, state: dict, rank: int, final_export=None) -> tempfile.TemporaryDirectory:
@@ -38,11 +40,64 @@ def save(engines: dict, state: dict, rank: int, final_export=None) -> tempfile.T
     return tmp
 
 
+# The only classes (beyond tensors and plain containers) in DeepSpeed's checkpoint files, ZeRO stages 0-3 (listed
+# with torch.serialization.get_unsafe_globals_in_checkpoint; tests/test_security_checkpoints.py keeps it current).
+DEEPSPEED_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds objects other than tensors, plain data and DEEPSPEED_CLASSES."""
+
+
+@contextmanager
+def weights_only_loads():
+    """Every torch.load inside unpickles tensors, plain data and DEEPSPEED_CLASSES only.
+
+    DeepSpeed calls torch.load(weights_only=False): a checkpoint store anyone can write to (a shared bucket) would
+    otherwise run their code in every worker. TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides the caller's argument."""
+    import importlib
+
+    import torch
+
+    classes = []
+    for name in DEEPSPEED_CLASSES:
+        module, attr = name.rsplit(".", 1)
+        classes.append(getattr(importlib.import_module(module), attr))
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(classes):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
+
+
 def restore(checkpoint, engines: dict) -> dict:
     """Load every engine's state from a Ray Checkpoint; returns the loop state of rank 0's state.json."""
+    import pickle
+
     with checkpoint.as_directory() as path:
         for tag, engine in engines.items():
-            load_path, _ = engine.load_checkpoint(path, tag=tag)
+            try:
+                with weights_only_loads():
+                    load_path, _ = engine.load_checkpoint(path, tag=tag)
+            except pickle.UnpicklingError as exc:
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [
+                    type(exc).__name__
+                ]
+                reason = next((line for line in lines if "global" in line.lower()), lines[0])
+                raise UnsafeCheckpointError(
+                    f"checkpoint {checkpoint.path}: refused to load the {tag!r} state: it holds objects other than "
+                    f"tensors and DeepSpeed's own ({reason[:300]}); it was not written by this runner, or was "
+                    "tampered with. Delete the run's checkpoints (or use a fresh train.storage_path) to start over"
+                ) from None
             if load_path is None:
                 raise RuntimeError(f"checkpoint {checkpoint.path}: no DeepSpeed state for {tag!r} in {path}")
         state_file = Path(path, STATE_FILE)

@@ -32,7 +32,7 @@ from pipelines.train.config import (
     load_train_params,
     semantic_train_params,
 )
-from preprocessing import storage
+from preprocessing import local_ray, storage
 from preprocessing.params import ParamsError, load_section
 
 log = logging.getLogger(__name__)
@@ -447,8 +447,7 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
         lineage.client(uri).log_dict(run_id, stats_doc, "data/_stats.json")
 
     # ---- data
-    if not ray.is_initialized():  # RAY_ADDRESS (if set) picks a cluster; else a local instance
-        ray.init(runtime_env={"env_vars": _worker_env(tp)})
+    local_ray.init(runtime_env={"env_vars": _worker_env(tp)})  # RAY_ADDRESS's cluster, else loopback-only
     splits = data.segment_splits(data_dir)
     train_ids, val_ids, how = data.train_val_ids(splits, tp.val_fraction)
     print(
