@@ -86,3 +86,20 @@ def test_existing_output_is_not_overwritten(tmp_path):
     result = run_import(tmp_path / "whatever.pt", "--output", out)
     assert result.exit_code != 0 and "already exists" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow  # logs a 180 MB model folder as an MLflow artifact
+def test_import_registers_in_mlflow_with_the_source_hash(tmp_path, tracking):
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    ckpt = write_pt(tmp_path / "EDTalk_lip_pose.pt", "lip_pose")
+    result = run_import(ckpt, "--output", tmp_path / "m", "--register", "edtalk-ref-lip-pose")
+    assert result.exit_code == 0, result.output
+    assert "registered edtalk-ref-lip-pose version 1" in result.output
+    c = MlflowClient(tracking)
+    version = c.get_model_version("edtalk-ref-lip-pose", "1")
+    tags = c.get_run(version.run_id).data.tags
+    assert tags["import.lip_pose.sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert "non-commercial" in tags["import.licence"]

@@ -19,7 +19,13 @@ KINDS = ("edtalk", "lip_pose", "lia")
 @click.option(
     "--kind", type=click.Choice(KINDS), default=None, help="Force the file's kind (default: from its keys)."
 )
-def import_checkpoint(checkpoint, output, audio2lip, expressions, kind):
+@click.option(
+    "--register",
+    default=None,
+    help="Also log the folder to an MLflow run (tagged with the sources' SHA-256) and register it under this name.",
+)
+@click.option("--experiment", default="edtalk", show_default=True, help="MLflow experiment of --register.")
+def import_checkpoint(checkpoint, output, audio2lip, expressions, kind, register, experiment):
     """Import EDTalk.pt, EDTalk_lip_pose.pt or LIA's vox.pt (read with weights_only: nothing in the file runs).
 
     Get the files from the authors' repositories (EDTalk: github.com/tanshuai0219/EDTalk, LIA:
@@ -39,3 +45,24 @@ def import_checkpoint(checkpoint, output, audio2lip, expressions, kind):
     if presets:
         click.echo(f"expression presets: {', '.join(presets)}")
     click.echo(f"wrote {output}")
+    if register:
+        version = register_import(output, meta, register, experiment)
+        click.echo(f"registered {register} version {version}")
+
+
+def register_import(folder: str, meta: dict, name: str, experiment: str) -> str | None:
+    """One MLflow run for the import: the source files' names and SHA-256 as tags, the folder as its model
+    artifact, registered as a new version of `name` ($MLFLOW_TRACKING_URI or the project's store)."""
+    from pipelines import lineage
+
+    uri = lineage.tracking_uri()
+    run = lineage.client(uri).create_run(lineage.experiment_id(experiment, uri), run_name=f"import-{name}")
+    run_id = run.info.run_id
+    tags = {"import.licence": meta["licence"]}
+    for src in meta["imported_from"]:
+        tags[f"import.{src['kind']}.file"] = src["file"]
+        tags[f"import.{src['kind']}.sha256"] = src["sha256"]
+    lineage.set_tags(run_id, tags, uri)
+    version = lineage.log_model_and_register(run_id, folder, name, uri)
+    lineage.end_run(run_id, uri)
+    return version
