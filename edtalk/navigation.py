@@ -70,10 +70,14 @@ def orthonormalize(banks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def orthonormalize_joint(banks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The EDTalk/LIA reference's bases: one Householder QR (LAPACK geqrf/orgqr) of the concatenated raw banks
-    + 1e-8, with LAPACK's raw signs (no sign normalisation), split back per bank. Float32, autocast off."""
-    with _no_autocast(banks[0].device.type if banks else "cpu"):
-        q, _ = torch.linalg.qr(torch.cat([a.float() for a in banks], dim=1) + 1e-8, mode="reduced")
-    return list(torch.split(q, [a.shape[1] for a in banks], dim=1))
+    + 1e-8, with LAPACK's raw signs (no sign normalisation), split back per bank. Float32, autocast off. The QR
+    runs on the CPU whatever the device: the signs are LAPACK's convention and GPU solvers need not share it (a
+    D x 36 matrix; autograd follows the copies)."""
+    device = banks[0].device if banks else torch.device("cpu")
+    with _no_autocast(device.type), _no_autocast("cpu"):
+        x = torch.cat([a.float() for a in banks], dim=1).cpu() + 1e-8
+        q, _ = torch.linalg.qr(x, mode="reduced")
+    return list(torch.split(q.to(device), [a.shape[1] for a in banks], dim=1))
 
 
 ORTHONORMALIZERS = {"blocks": orthonormalize, "joint": orthonormalize_joint}

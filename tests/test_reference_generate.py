@@ -84,3 +84,10 @@ def test_a_space_the_model_lacks_is_a_clear_error(imported, media_dir, speech):
     )
     with pytest.raises(GenerateError, match="no eye space"):
         plan_sources(req, model, load_audio)
+
+
+def test_video_driven_plan_drives_every_space_the_model_has(imported, media_dir):
+    model = EDTalk.from_pretrained(imported)
+    video = str(media_dir / "videos" / "EDTalk__mouth_source_muxed.mp4")
+    plan = plan_sources(Request(identity="x.png", video=video, output="o.mp4"), model, load_audio)
+    assert plan.kinds == {s: ("video", video) for s in ("mouth", "pose", "expression")}
