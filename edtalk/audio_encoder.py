@@ -36,8 +36,19 @@ class AudioEncoderConfig:
     blocks_per_stage: int = 1  # residual blocks after each stage's strided conv
     norm: str = "batch"  # "batch" (Wav2Lip's), "group" or "none"; see make_norm for why batch is the default
     norm_groups: int = 8  # groups when norm == "group"
+    # "ours": the stack above; "wav2lip": the reference Audio2Lip's Wav2Lip audio encoder (13 conv + BatchNorm +
+    # ReLU layers, fixed widths, 80x16 -> 512; `channels`/`blocks_per_stage`/`norm` are then unused).
+    architecture: str = "ours"
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"AudioEncoderConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
+        if self.architecture == "wav2lip" and (self.n_mels, self.window, self.feature_dim) != (80, 16, 512):
+            raise ValueError(
+                "AudioEncoderConfig: the wav2lip encoder needs n_mels 80, window 16, feature_dim 512"
+            )
         if self.n_mels < 8 or self.window < 4:
             raise ValueError(
                 f"AudioEncoderConfig: n_mels >= 8 and window >= 4 needed, got {self.n_mels}, {self.window}"
@@ -87,6 +98,37 @@ def _output_hw(n_mels: int, window: int, n_stages: int) -> tuple[int, int]:
 
 
 NORMS = ("batch", "group", "none")
+ARCHITECTURES = ("ours", "wav2lip")
+
+# The Wav2Lip audio encoder of the reference Audio2Lip: (in, out, kernel, stride, padding, residual) per layer.
+WAV2LIP_LAYERS: tuple[tuple[int, int, int, Any, int, bool], ...] = (
+    (1, 32, 3, 1, 1, False),
+    (32, 32, 3, 1, 1, True),
+    (32, 32, 3, 1, 1, True),
+    (32, 64, 3, (3, 1), 1, False),
+    (64, 64, 3, 1, 1, True),
+    (64, 64, 3, 1, 1, True),
+    (64, 128, 3, 3, 1, False),
+    (128, 128, 3, 1, 1, True),
+    (128, 128, 3, 1, 1, True),
+    (128, 256, 3, (3, 2), 1, False),
+    (256, 256, 3, 1, 1, True),
+    (256, 512, 3, 1, 0, False),
+    (512, 512, 1, 1, 0, False),
+)
+
+
+class Wav2LipConv(nn.Module):
+    """conv (bias) -> BatchNorm -> (+ input when residual) -> ReLU, the ReLU after the residual add."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: Any, padding: int, residual: bool) -> None:
+        super().__init__()
+        self.conv_block = nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding), nn.BatchNorm2d(cout))
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv_block(x)
+        return torch.relu(out + x if self.residual else out)
 
 
 def make_norm(kind: str, ch: int, groups: int) -> nn.Module:
@@ -124,6 +166,10 @@ class AudioEncoder(nn.Module):
     def __init__(self, config: AudioEncoderConfig | None = None) -> None:
         super().__init__()
         self.config = cfg = config or AudioEncoderConfig()
+        if cfg.architecture == "wav2lip":
+            self.convs = nn.Sequential(*(Wav2LipConv(*spec) for spec in WAV2LIP_LAYERS))
+            self.proj = nn.Flatten(1)
+            return
         layers: list[nn.Module] = []
         in_ch = 1
         for i, ch in enumerate(cfg.channels):

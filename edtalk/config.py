@@ -39,6 +39,11 @@ BANK_DRIVERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _choice(value: str, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
+
+
 def _blur_ok(taps: tuple[int, ...], where: str) -> None:
     if len(taps) < 2 or any(t <= 0 for t in taps):
         raise ValueError(f"{where}.blur_kernel must be >= 2 positive taps, got {taps}")
@@ -64,12 +69,20 @@ class GeneratorConfig:
     # what no identity feature shows, e.g. the inside of a mouth that is closed in the identity image); the other
     # scales' ToRGB sees the masked warp only (LIA). 0 = warped features only.
     paint_scales: int = 0
+    # "modulated": ours (style-modulated 1x1 conv + bias); "reference": the EDTalk/LIA reference's ToRGB
+    # (plain 1x1 EqualConv2d -> FusedLeakyReLU -> + bias, no style).
+    to_rgb: str = "modulated"
+    # "align_corners": ours (linspace grid samples pixel centres exactly); "reference": the EDTalk/LIA reference's
+    # warp (float64 linspace base grid cast to float32, grid_sample with align_corners=False).
+    warp: str = "align_corners"
 
     def __post_init__(self) -> None:
         self.blur_kernel = tuple(int(t) for t in self.blur_kernel)
         _blur_ok(self.blur_kernel, "generator")
         if int(self.paint_scales) < 0:
             raise ValueError(f"generator.paint_scales must be >= 0, got {self.paint_scales}")
+        _choice(self.to_rgb, ("modulated", "reference"), "generator.to_rgb")
+        _choice(self.warp, ("align_corners", "reference"), "generator.warp")
 
 
 @dataclass
@@ -84,11 +97,25 @@ class NavigationConfig:
     head_layers: int = 3  # linear layers of each space's head, the last one to n_s (reference: 3)
     lia_bases: int = 20  # motion bases of the single LIA bank of the autoencoder stage
     lia_head_layers: int = 1  # linear layers of the LIA head after its own trunk (LIA: 1)
+    # False: ours (leaky ReLU between the MLP layers); True: the EDTalk/LIA reference's purely linear trunk,
+    # heads and LIA motion MLP (no activation anywhere).
+    linear: bool = False
+    # "blocks": ours (block QR, diag(R) > 0, a later bank never moves an earlier one); "joint": the EDTalk/LIA
+    # reference's single Householder QR of [mouth | pose | (eye) | expression] + 1e-8 with LAPACK's raw signs.
+    qr: str = "blocks"
 
     def __post_init__(self) -> None:
-        for name in (*SPACES, "lia_bases"):
+        # A space of size 0 is absent (the reference EDTalk.pt has no eye space, EDTalk_lip_pose.pt no
+        # expression space); mouth and pose are always present.
+        for name in ("mouth", "pose", "lia_bases"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"navigation.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eye", "expression"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(
+                    f"navigation.{name} must be >= 0 (0 = no such space), got {getattr(self, name)}"
+                )
+        _choice(self.qr, ("blocks", "joint"), "navigation.qr")
         for name in ("trunk_layers", "head_layers", "lia_head_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"navigation.{name} must be >= 1, got {getattr(self, name)}")
@@ -103,10 +130,15 @@ class EEMConfig:
 
     enabled: bool = True  # build the EEM (False: the expression space still shifts the latent, no AdaIN)
     hidden: int = 128  # hidden width of each AdaIN's condition MLP (reference: 128)
+    # "full": ours (both AdaIN-modulated convs act, equalized layers, leaky ReLU); "reference": the EDTalk
+    # reference as released (conv1/norm1 branch overwritten, out = x + AdaIN2(conv2(x)), nn.Conv2d/nn.Linear,
+    # ReLU in the condition MLP).
+    variant: str = "full"
 
     def __post_init__(self) -> None:
         if int(self.hidden) < 1:
             raise ValueError(f"eem.hidden must be >= 1, got {self.hidden}")
+        _choice(self.variant, ("full", "reference"), "eem.variant")
 
 
 @dataclass
@@ -196,13 +228,19 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
-        """ "paper": 256x256, D=512, the reference's widths. "tiny": 64x64, D=64, CPU-test sized."""
+        """ "paper": 256x256, D=512, the reference's widths. "tiny": 64x64, D=64, CPU-test sized.
+        "reference": the paper sizes with every switch set to the authors' released EDTalk.pt (edtalk/reference).
+        """
+        if name == "reference":
+            from edtalk.reference.config import reference_config
+
+            return reference_config()
         if name == "paper":
             cfg = cls(image_size=256, latent_dim=512, channels=PAPER_CHANNELS)
         elif name == "tiny":
             cfg = cls(image_size=64, latent_dim=64, channels=TINY_CHANNELS)
         else:
-            raise ValueError(f"unknown model preset {name!r}; choose 'paper' or 'tiny'")
+            raise ValueError(f"unknown model preset {name!r}; choose 'paper', 'tiny' or 'reference'")
         bank_dims = {"pose_flow": cfg.navigation.pose, "eye_flow": cfg.navigation.eye}
         for fname, module, clsname in AUDIO_CONFIGS:
             audio_cls = _audio_class(module, clsname, required=False)

@@ -60,12 +60,53 @@ class EEMBlock(nn.Module):
         return x + self.norm2(self.conv2(h), cond)
 
 
+class ReferenceAdaIN(nn.Module):
+    """The EDTalk reference's AdaIN: instance norm (eps 1e-5, no affine) * (1 + gamma) + beta, with
+    h = ReLU(Linear(e)), gamma = Linear(h), beta = Linear(h) (plain nn.Linear; key names as the reference's)."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.mlp_shared = nn.Sequential(nn.Linear(cond_dim, hidden), nn.ReLU())
+        self.mlp_gamma = nn.Linear(hidden, channels)
+        self.mlp_beta = nn.Linear(hidden, channels)
+
+    def modulate(self, normalized: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.mlp_shared(cond)
+        gamma = self.mlp_gamma(h)[:, :, None, None].to(normalized.dtype)
+        beta = self.mlp_beta(h)[:, :, None, None].to(normalized.dtype)
+        return normalized * (1.0 + gamma) + beta
+
+
+class ReferenceEEMBlock(nn.Module):
+    """One scale of the EEM as the EDTalk reference releases it: out = x + AdaIN2(conv2(x), e). Its conv1/norm1
+    branch is computed and then overwritten (no effect on any output), so it is not built here."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = ReferenceAdaIN(channels, cond_dim, hidden)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The identity-only part, instance_norm(conv2(f^id)): here all of the convolution work."""
+        return F.instance_norm(self.conv2(x))
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, prepared: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        normalized = self.prepare(x) if prepared is None else prepared
+        return x + self.norm2.modulate(normalized, cond)
+
+
+EEM_BLOCKS = {"full": EEMBlock, "reference": ReferenceEEMBlock}
+
+
 class EEM(nn.Module):
     """Identity features [8..S] + f^{r->e} (B,D) -> emotion-conditioned identity features f^id_e, same shapes."""
 
-    def __init__(self, channels: Sequence[int], cond_dim: int, hidden: int) -> None:
+    def __init__(self, channels: Sequence[int], cond_dim: int, hidden: int, variant: str = "full") -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(EEMBlock(c, cond_dim, hidden) for c in channels)
+        block = EEM_BLOCKS[variant]
+        self.blocks = nn.ModuleList(block(c, cond_dim, hidden) for c in channels)
 
     def prepare(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-scale identity-only parts (see EEMBlock.prepare), to reuse across render calls."""

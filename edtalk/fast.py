@@ -920,6 +920,20 @@ class _FastEncoder:
         return latent, feats[-2::-1]
 
 
+def unsupported_reason(config) -> str | None:
+    """Why this fast path cannot run a model of `config` (None: it can). It is written for our generator and EEM:
+    it folds ToRGB (linear there) into the warp and samples with align_corners=True, so the reference-compatible
+    switches (ModelConfig.preset("reference")) are rendered by the eager model instead."""
+    reasons = []
+    if config.generator.to_rgb != "modulated":
+        reasons.append(f"generator.to_rgb={config.generator.to_rgb!r}")
+    if config.generator.warp != "align_corners":
+        reasons.append(f"generator.warp={config.generator.warp!r}")
+    if config.eem.enabled and config.eem.variant != "full":
+        reasons.append(f"eem.variant={config.eem.variant!r}")
+    return f"the fast path does not implement {', '.join(reasons)}" if reasons else None
+
+
 class FastRenderer:
     """`renderer.render(identity, weights)` == `model.render(identity, weights)` (within float rounding), faster;
     likewise `encode_identity(img)` and `extract(frames, spaces)`.
@@ -951,6 +965,9 @@ class FastRenderer:
         retain_memory: bool = True,
         frame_groups: int | None = None,
     ) -> None:
+        reason = unsupported_reason(model.config)
+        if reason is not None:
+            raise NotImplementedError(f"FastRenderer: {reason}; render with the model itself")
         self.model = model
         self._pool: tuple[int, ThreadPoolExecutor, int] | None = None
         if retain_memory:

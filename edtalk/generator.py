@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edtalk.ops import ConstantInput, ModulatedConv2d, StyledConv, ToRGB, Upsample
+from edtalk.ops import ConstantInput, ModulatedConv2d, ReferenceToRGB, StyledConv, ToRGB, Upsample
+
+TO_RGB = {"modulated": ToRGB, "reference": ReferenceToRGB}
 
 
 class FlowHead(nn.Module):
@@ -20,8 +22,15 @@ class FlowHead(nn.Module):
     generated feature (mask * warped + (1-mask) * gen), the next scale's convolutions.
     """
 
-    def __init__(self, channels: int, style_dim: int, blur_kernel: Sequence[int] = (1, 3, 3, 1)) -> None:
+    def __init__(
+        self,
+        channels: int,
+        style_dim: int,
+        blur_kernel: Sequence[int] = (1, 3, 3, 1),
+        warp: str = "align_corners",
+    ) -> None:
         super().__init__()
+        self.reference_warp = warp == "reference"  # GeneratorConfig.warp
         self.conv = ModulatedConv2d(channels, 3, 1, style_dim, demodulate=False)
         # Start as the identity warp with a half mask: a random warp of random features is chaotic (float32
         # rounding grows ~10x per scale through grid_sample), and an untrained warp carries no information anyway.
@@ -41,13 +50,18 @@ class FlowHead(nn.Module):
         if prev_logits is not None:
             logits = logits + self.upsample(prev_logits)
         b, _, h, w = gen.shape
-        ys = torch.linspace(-1.0, 1.0, h, device=gen.device, dtype=gen.dtype)
-        xs = torch.linspace(-1.0, 1.0, w, device=gen.device, dtype=gen.dtype)
+        # The reference builds its base grid in float64 and casts it; ours builds it in the compute dtype.
+        lin_dtype = torch.float64 if self.reference_warp else gen.dtype
+        ys = torch.linspace(-1.0, 1.0, h, device=gen.device, dtype=lin_dtype).to(gen.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=gen.device, dtype=lin_dtype).to(gen.dtype)
         base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
         grid = base.unsqueeze(0) + torch.tanh(logits[:, 0:2]).permute(0, 2, 3, 1)
         mask = torch.sigmoid(logits[:, 2:3])
-        # align_corners=True: the linspace grid then samples pixel centres exactly (zero offset = identity warp).
-        warped = F.grid_sample(identity_feat.to(gen.dtype), grid, align_corners=True) * mask
+        # align_corners=True: the linspace grid then samples pixel centres exactly (zero offset = identity warp);
+        # the reference samples with align_corners=False (an identity flow then resamples slightly).
+        warped = (
+            F.grid_sample(identity_feat.to(gen.dtype), grid, align_corners=not self.reference_warp) * mask
+        )
         return warped + gen * (1.0 - mask), warped, logits
 
 
@@ -69,6 +83,8 @@ class Generator(nn.Module):
         latent_dim: int,
         blur_kernel: Sequence[int] = (1, 3, 3, 1),
         paint_scales: int = 0,
+        to_rgb: str = "modulated",
+        warp: str = "align_corners",
     ) -> None:
         super().__init__()
         levels = int(math.log2(image_size)) - 1
@@ -92,8 +108,8 @@ class Generator(nn.Module):
                 )
             )
             self.convs.append(StyledConv(channels[i], channels[i], 3, latent_dim, blur_kernel=blur_kernel))
-            self.flows.append(FlowHead(channels[i], latent_dim, blur_kernel))
-            self.to_rgbs.append(ToRGB(channels[i], latent_dim, blur_kernel))
+            self.flows.append(FlowHead(channels[i], latent_dim, blur_kernel, warp))
+            self.to_rgbs.append(TO_RGB[to_rgb](channels[i], latent_dim, blur_kernel))
 
     def forward(self, latent: torch.Tensor, identity_features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(identity_features) != len(self.convs):

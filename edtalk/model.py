@@ -24,7 +24,7 @@ from edtalk.discriminator import Discriminator
 from edtalk.eem import EEM
 from edtalk.encoder import Encoder
 from edtalk.generator import Generator
-from edtalk.navigation import SPACES, LatentNavigation, LatentNavigationLIA
+from edtalk.navigation import LatentNavigation, LatentNavigationLIA
 from edtalk.ops import count_parameters
 
 WEIGHTS_NAME = "model.safetensors"
@@ -85,13 +85,18 @@ class EDTalk(nn.Module):
         self.config = config
         c = config
         self.encoder = Encoder(c.image_size, c.channels, c.latent_dim, c.encoder.blur_kernel)
+        g = c.generator
         self.generator = Generator(
-            c.image_size, c.channels, c.latent_dim, c.generator.blur_kernel, c.generator.paint_scales
+            c.image_size, c.channels, c.latent_dim, g.blur_kernel, g.paint_scales, g.to_rgb, g.warp
         )
         nav = c.navigation
-        self.navigation = LatentNavigation(c.latent_dim, nav.num_bases(), nav.trunk_layers, nav.head_layers)
-        self.eem = EEM(c.channels[1:], c.latent_dim, c.eem.hidden) if c.eem.enabled else None
-        self.lia = LatentNavigationLIA(c.latent_dim, nav.lia_bases, nav.trunk_layers, nav.lia_head_layers)
+        self.navigation = LatentNavigation(
+            c.latent_dim, nav.num_bases(), nav.trunk_layers, nav.head_layers, nav.linear, nav.qr
+        )
+        self.eem = EEM(c.channels[1:], c.latent_dim, c.eem.hidden, c.eem.variant) if c.eem.enabled else None
+        self.lia = LatentNavigationLIA(
+            c.latent_dim, nav.lia_bases, nav.trunk_layers, nav.lia_head_layers, nav.linear, nav.qr
+        )
         self.discriminator = Discriminator(
             c.image_size, c.channels, c.discriminator.stddev_group, c.discriminator.blur_kernel
         )
@@ -106,7 +111,7 @@ class EDTalk(nn.Module):
                 net = net_cls(sub)
             setattr(self, attr, net)
         # Spaces summed into f^{r->d} when a render call does not name them; stages narrow this (stages.py).
-        self.active_spaces: tuple[str, ...] = SPACES
+        self.active_spaces: tuple[str, ...] = self.navigation.spaces
         # Per-emotion mean expression weights, filled by training (saved in meta.json).
         self.emotion_means: dict[str, list[float]] = {}
 
@@ -127,10 +132,11 @@ class EDTalk(nn.Module):
 
     def identity_from(self, latent: torch.Tensor, features: list[torch.Tensor]) -> Identity:
         """The Identity of an encoder output (latent, skip features): its own weights from the navigation."""
-        return Identity(latent, features, self.navigation.weights(latent, SPACES))
+        return Identity(latent, features, self.navigation.weights(latent))
 
-    def extract(self, frames: torch.Tensor, spaces: Sequence[str] = SPACES) -> dict[str, torch.Tensor]:
-        """Driving frames (B,3,S,S) -> {space: W^s (B, n_s)} for the spaces asked."""
+    def extract(self, frames: torch.Tensor, spaces: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Driving frames (B,3,S,S) -> {space: W^s (B, n_s)} for the spaces asked (default: all the model has)."""
+        spaces = self.navigation.spaces if spaces is None else spaces
         self.check_extract(frames, spaces)
         latent, _ = self.encoder(frames)
         return self.navigation.weights(latent, tuple(spaces))
@@ -151,9 +157,11 @@ class EDTalk(nn.Module):
     def _complete_weights(
         self, identity: Identity, weights: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        unknown = [s for s in weights if s not in SPACES]
+        unknown = [s for s in weights if s not in self.navigation.spaces]
         if unknown:
-            raise KeyError(f"render: unknown spaces {unknown}; the spaces are {SPACES}")
+            raise KeyError(
+                f"render: unknown spaces {unknown}; this model's spaces are {self.navigation.spaces}"
+            )
         sizes = {int(w.shape[0]) for w in weights.values()} | {identity.batch_size}
         n = max(sizes)
         if len(sizes - {1}) > 1:
@@ -161,7 +169,7 @@ class EDTalk(nn.Module):
                 f"render: batch sizes {sorted(sizes)} disagree (identity and weights must match or be 1)"
             )
         full = {}
-        for s in SPACES:
+        for s in self.navigation.spaces:
             if s in weights:
                 w = weights[s]
             elif s in self.active_spaces:
@@ -230,16 +238,23 @@ class EDTalk(nn.Module):
         return cached[1]
 
     def reconstruct_lia(
-        self, src: torch.Tensor, drv: torch.Tensor, return_weights: bool = False
+        self,
+        src: torch.Tensor,
+        drv: torch.Tensor,
+        return_weights: bool = False,
+        start_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Autoencoder stage: render src's identity with drv's motion through the single LIA bank (and, with
-        `return_weights`, also drv's LIA weights (B, lia_bases))."""
+        `return_weights`, also drv's LIA weights (B, lia_bases)). With `start_weights` (the LIA weights of the
+        driving video's first frame), LIA's relative mode: motion = D(drv) - D(start) + D(src)."""
         self._check_images(src, "source image")
         self._check_images(drv, "driving image")
         latent, feats = self.encoder(src)
         drv_latent, _ = self.encoder(drv)
         weights = self.lia.weights(drv_latent)
         motion = self.lia.motion(weights)
+        if start_weights is not None:
+            motion = (motion - self.lia.motion(start_weights)) + self.lia.motion(self.lia.weights(latent))
         if latent.shape[0] != motion.shape[0]:
             latent = latent.expand(motion.shape[0], -1)
         out = self.generator(latent + motion, feats)
@@ -346,8 +361,8 @@ class EDTalk(nn.Module):
                 meta = json.loads(meta_path.read_text())
             except ValueError as exc:
                 raise ValueError(f"EDTalk.from_pretrained: invalid JSON in {meta_path}: {exc}") from exc
-            spaces = tuple(meta.get("active_spaces", SPACES))
-            bad = [s for s in spaces if s not in SPACES]
+            spaces = tuple(meta.get("active_spaces", model.navigation.spaces))
+            bad = [s for s in spaces if s not in model.navigation.spaces]
             if bad:
                 raise ValueError(f"EDTalk.from_pretrained: {meta_path} names unknown spaces {bad}")
             model.active_spaces = spaces

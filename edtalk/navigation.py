@@ -25,8 +25,11 @@ from edtalk.ops import EqualLinear
 SPACES: tuple[str, ...] = ("mouth", "pose", "eye", "expression")  # training order = Gram-Schmidt order
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, activate_last: bool = False) -> nn.Sequential:
-    """`layers` equalized linear layers in_dim -> hidden ... -> out_dim, leaky ReLU between them."""
+def mlp(
+    in_dim: int, hidden: int, out_dim: int, layers: int, activate_last: bool = False, linear: bool = False
+) -> nn.Sequential:
+    """`layers` equalized linear layers in_dim -> hidden ... -> out_dim, leaky ReLU between them (none at all
+    when `linear`, as in the EDTalk/LIA reference)."""
     if layers < 1:
         raise ValueError(f"mlp: layers must be >= 1, got {layers}")
     mods = []
@@ -36,7 +39,7 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, activate_last: bool
             EqualLinear(
                 in_dim if i == 0 else hidden,
                 out_dim if last else hidden,
-                activate=activate_last or not last,
+                activate=not linear and (activate_last or not last),
             )
         )
     return nn.Sequential(*mods)
@@ -65,6 +68,21 @@ def orthonormalize(banks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return qs
 
 
+def orthonormalize_joint(banks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The EDTalk/LIA reference's bases: one Householder QR (LAPACK geqrf/orgqr) of the concatenated raw banks
+    + 1e-8, with LAPACK's raw signs (no sign normalisation), split back per bank. Float32, autocast off. The QR
+    runs on the CPU whatever the device: the signs are LAPACK's convention and GPU solvers need not share it (a
+    D x 36 matrix; autograd follows the copies)."""
+    device = banks[0].device if banks else torch.device("cpu")
+    with _no_autocast(device.type), _no_autocast("cpu"):
+        x = torch.cat([a.float() for a in banks], dim=1).cpu() + 1e-8
+        q, _ = torch.linalg.qr(x, mode="reduced")
+    return list(torch.split(q.to(device), [a.shape[1] for a in banks], dim=1))
+
+
+ORTHONORMALIZERS = {"blocks": orthonormalize, "joint": orthonormalize_joint}
+
+
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
@@ -79,10 +97,10 @@ def _orthogonality_error(q: torch.Tensor) -> float:
 class SpaceNavigator(nn.Module):
     """One space: its head (trunk output -> W^s) and its bank B^s (D x n_s raw bases)."""
 
-    def __init__(self, latent_dim: int, num_bases: int, head_layers: int) -> None:
+    def __init__(self, latent_dim: int, num_bases: int, head_layers: int, linear: bool = False) -> None:
         super().__init__()
         self.num_bases = num_bases
-        self.head = mlp(latent_dim, latent_dim, num_bases, head_layers)
+        self.head = mlp(latent_dim, latent_dim, num_bases, head_layers, linear=linear)
         self.bank = nn.Parameter(torch.randn(latent_dim, num_bases))
 
     def forward(self, trunk_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,10 +115,18 @@ class SpaceNavigator(nn.Module):
 
 
 class LatentNavigation(nn.Module):
-    """The four navigation modules sharing a trunk; submodules `trunk`, `mouth`, `pose`, `eye`, `expression`."""
+    """The navigation modules sharing a trunk; submodules `trunk`, `mouth`, `pose`, `eye`, `expression` (a space
+    with 0 bases is absent: `spaces` lists those present). `linear` and `qr` select the reference's behaviour
+    (NavigationConfig)."""
 
     def __init__(
-        self, latent_dim: int, num_bases: Mapping[str, int], trunk_layers: int, head_layers: int
+        self,
+        latent_dim: int,
+        num_bases: Mapping[str, int],
+        trunk_layers: int,
+        head_layers: int,
+        linear: bool = False,
+        qr: str = "blocks",
     ) -> None:
         super().__init__()
         missing = [s for s in SPACES if s not in num_bases]
@@ -111,27 +137,34 @@ class LatentNavigation(nn.Module):
                 f"LatentNavigation: {sum(num_bases.values())} bases cannot be orthogonal in D={latent_dim}"
             )
         self.latent_dim = latent_dim
-        self.trunk = mlp(latent_dim, latent_dim, latent_dim, trunk_layers, activate_last=True)
-        for s in SPACES:
-            self.add_module(s, SpaceNavigator(latent_dim, num_bases[s], head_layers))
+        self.orthonormalize = ORTHONORMALIZERS[qr]
+        self.trunk = mlp(latent_dim, latent_dim, latent_dim, trunk_layers, activate_last=True, linear=linear)
+        self.spaces: tuple[str, ...] = tuple(s for s in SPACES if int(num_bases[s]) > 0)
+        for s in self.spaces:
+            self.add_module(s, SpaceNavigator(latent_dim, num_bases[s], head_layers, linear))
 
     def space(self, name: str) -> SpaceNavigator:
-        if name not in SPACES:
+        if name not in self.spaces:
+            if name in SPACES:
+                raise KeyError(
+                    f"latent space {name!r} is absent from this model; its spaces are {self.spaces}"
+                )
             raise KeyError(f"unknown latent space {name!r}; the spaces are {SPACES}")
         return getattr(self, name)
 
     def num_bases(self) -> dict[str, int]:
-        return {s: self.space(s).num_bases for s in SPACES}
+        return {s: self.space(s).num_bases for s in self.spaces}
 
-    def weights(self, latent: torch.Tensor, spaces: Sequence[str] = SPACES) -> dict[str, torch.Tensor]:
-        """Driving latent f^{*->r} (B,D) -> {space: W^s (B, n_s)}."""
+    def weights(self, latent: torch.Tensor, spaces: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Driving latent f^{*->r} (B,D) -> {space: W^s (B, n_s)} (all present spaces by default)."""
+        spaces = self.spaces if spaces is None else spaces
         h = self.trunk(latent)
         return {s: self.space(s)(h) for s in spaces}
 
     def bases(self) -> dict[str, torch.Tensor]:
         """{space: Q^s (D, n_s)}, orthonormal within and across spaces."""
-        qs = orthonormalize([self.space(s)() for s in SPACES])  # banks read in their forwards (ZeRO-3)
-        return dict(zip(SPACES, qs, strict=True))
+        qs = self.orthonormalize([self.space(s)() for s in self.spaces])  # banks read in forwards (ZeRO-3)
+        return dict(zip(self.spaces, qs, strict=True))
 
     def motion(
         self, weights: Mapping[str, torch.Tensor], bases: Mapping[str, torch.Tensor] | None = None
@@ -157,19 +190,28 @@ class LatentNavigation(nn.Module):
 class LatentNavigationLIA(nn.Module):
     """Single-bank LIA-style navigation for the autoencoder stage: latent -> n weights over one motion bank."""
 
-    def __init__(self, latent_dim: int, num_bases: int, trunk_layers: int, head_layers: int) -> None:
+    def __init__(
+        self,
+        latent_dim: int,
+        num_bases: int,
+        trunk_layers: int,
+        head_layers: int,
+        linear: bool = False,
+        qr: str = "blocks",
+    ) -> None:
         super().__init__()
         if num_bases > latent_dim:
             raise ValueError(f"LatentNavigationLIA: {num_bases} bases cannot be orthogonal in D={latent_dim}")
         self.num_bases = num_bases
-        self.trunk = mlp(latent_dim, latent_dim, latent_dim, trunk_layers, activate_last=True)
-        self.motion_bank = SpaceNavigator(latent_dim, num_bases, head_layers)
+        self.orthonormalize = ORTHONORMALIZERS[qr]
+        self.trunk = mlp(latent_dim, latent_dim, latent_dim, trunk_layers, activate_last=True, linear=linear)
+        self.motion_bank = SpaceNavigator(latent_dim, num_bases, head_layers, linear)
 
     def weights(self, latent: torch.Tensor) -> torch.Tensor:
         return self.motion_bank(self.trunk(latent))
 
     def bases(self) -> torch.Tensor:
-        return orthonormalize([self.motion_bank()])[0]  # the bank read in its forward (ZeRO-3)
+        return self.orthonormalize([self.motion_bank()])[0]  # the bank read in its forward (ZeRO-3)
 
     def motion(self, weights: torch.Tensor) -> torch.Tensor:
         """f^{r->d} = W Qᵀ (B,D)."""

@@ -278,6 +278,23 @@ class ToRGB(nn.Module):
         return out
 
 
+class ReferenceToRGB(nn.Module):
+    """The EDTalk/LIA reference's ToRGB: a plain 1x1 EqualConv2d (no bias, no style) -> FusedLeakyReLU -> + bias,
+    added to the FIR-upsampled RGB of the coarser scale. Same call signature as ToRGB (the style is unused)."""
+
+    def __init__(self, in_ch: int, style_dim: int, blur_kernel: Sequence[int] = (1, 3, 3, 1)) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(EqualConv2d(in_ch, 3, 1, bias=False), FusedLeakyReLU(3))
+        self.bias = nn.Parameter(torch.zeros(3))
+        self.upsample = Upsample(blur_kernel)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x) + self.bias.view(1, 3, 1, 1).to(x.dtype)
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
 class ConstantInput(nn.Module):
     """The learned 4x4 constant the synthesis starts from."""
 

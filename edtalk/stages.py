@@ -144,7 +144,11 @@ def apply_stage(model: nn.Module, stage: str | Stage) -> list[nn.Parameter]:
             )
         for p in mod.parameters():
             p.requires_grad_(True)
+    present = getattr(getattr(model, "navigation", None), "spaces", SPACES)
     for name in st.frozen:
+        parts = name.split(".")
+        if parts[0] == "navigation" and len(parts) == 2 and parts[1] in SPACES and parts[1] not in present:
+            continue  # a space this model does not have (the authors' EDTalk.pt has no eye space): nothing to freeze
         mod = _submodule(model, name, st.name)
         if mod is not None:
             for p in mod.parameters():

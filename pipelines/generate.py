@@ -434,7 +434,13 @@ def plan_sources(
     req: Request, model, load_audio: Callable[[str], np.ndarray], max_seconds: float = 0.0
 ) -> Plan:
     """Resolve `auto`, check every source, load the audio and fix the number of output frames."""
-    values = {s: getattr(req, s) for s in SPACES}
+    present = getattr(getattr(model, "navigation", None), "spaces", SPACES)
+    for space in SPACES:  # a space the model lacks (the authors' EDTalk.pt has no eye space) cannot be driven
+        if space not in present and getattr(req, space) != "auto":
+            raise GenerateError(
+                f"--{space} {getattr(req, space)}: this model has no {space} space; drop --{space}"
+            )
+    values = {s: getattr(req, s) for s in SPACES if s in present}
     if req.video is not None and not Path(req.video).is_file():
         raise GenerateError(f"--video {req.video}: no such file; pass a driving video")
     # Driving videos open first: a corrupt one is reported as a video problem, not by the audio decoder below.
@@ -597,8 +603,16 @@ class Drivers:
 
             self.mel_starts = mel_window_starts(plan.num_frames)
             self.mel_count = len(plan.audio) // MEL_HOP + 1  # mel frames of the whole clip (centred STFT)
+        self.reference_mouth = (
+            None  # the authors' Audio2Lip: their own mel, windows and smoothing, whole clip
+        )
+        if plan.kinds["mouth"][0] == "audio":
+            from edtalk.reference.audio import is_audio2lip, lip_weights
+
+            if is_audio2lip(model.audio_to_mouth):
+                self.reference_mouth = lip_weights(model.audio_to_mouth, plan.audio).to(device)
         self.expression = None
-        if plan.kinds["expression"][0] == "audio":
+        if plan.kinds.get("expression", ("identity",))[0] == "audio":
             self.expression = self._audio_expression(load_transcript(req.transcript))
         self.noise: dict[str, torch.Tensor] = {}  # flow latents per sampled space, drawn on first use
         self.decode_time = 0.0  # seconds spent decoding and cropping driving frames since the last reset
@@ -711,6 +725,9 @@ class Drivers:
         audio_spaces = [
             s for s, (k, _) in self.plan.kinds.items() if k in ("audio", "sample") and s != "expression"
         ]
+        if self.reference_mouth is not None:
+            weights["mouth"] = self.reference_mouth[start:stop]
+            audio_spaces.remove("mouth")
         if audio_spaces:
             weights.update(self._audio_weights(start, stop, audio_spaces))
         if self.expression is not None:
@@ -755,7 +772,15 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     timers = {"load": 0.0, "decode": 0.0, "drive": 0.0, "render": 0.0, "encode_mux": 0.0}
     # The fast path computes the same frames as model.render (within float rounding, bench/model.py), and the
     # same identity and driving weights as model.encode_identity / model.extract.
-    renderer = model.fast_renderer() if params.fast_render and device.type == "cpu" else model
+    renderer = model
+    if params.fast_render and device.type == "cpu":
+        from edtalk.fast import unsupported_reason
+
+        reason = unsupported_reason(model.config)
+        if reason is None:
+            renderer = model.fast_renderer()
+        else:
+            log.info("%s: rendering with the eager model", reason)
     with torch.no_grad():
         drivers = Drivers(model, plan, req, params, cropper, size, device, extract=renderer.extract)
         ident = renderer.encode_identity(to_tensor(identity_crop[None], device))

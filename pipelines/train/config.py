@@ -72,6 +72,9 @@ class TrainParams:
     registered_model_prefix: str = "edtalk-"  # registered model name = prefix + stage
     register_model: bool = True  # register models/STAGE as a model version in the MLflow registry
     hash_inputs: bool = True  # md5 the input dirs DVC-style for the lineage tags (cheap on small data)
+    # Start from this model folder (e.g. one written by `edtalk import`) instead of the upstream stages' models/
+    # folders (or, for a first stage, a fresh model); its meta.json source hashes go into the lineage. "" = off.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         checks = [

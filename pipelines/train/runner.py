@@ -412,8 +412,13 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     data_dir = _abs(tp.data_dir)
     models_dir = _abs(tp.models_dir)
 
-    upstream = lineage.read_upstream(models_dir, stage.upstream)
-    upstream_dirs = {name: storage.join(models_dir, name) for name in stage.upstream}
+    if tp.init_from:  # one model folder stands in for every upstream stage (a first stage starts from it)
+        init_dir = _abs(tp.init_from)
+        upstream = {name: init_from_lineage(init_dir) for name in stage.upstream}
+        upstream_dirs = {name: init_dir for name in stage.upstream} or {INIT_FROM: init_dir}
+    else:
+        upstream = lineage.read_upstream(models_dir, stage.upstream)
+        upstream_dirs = {name: storage.join(models_dir, name) for name in stage.upstream}
     inputs = [data_dir, *upstream_dirs.values()]
     hashes = lineage.input_hashes(inputs, tp.hash_inputs)
     stage_params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(sp).items()}
@@ -435,6 +440,8 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     tags["code.md5"] = code
     tags.update({lineage.tag_key("dvc.md5", _rel(p)): h for p, h in hashes.items()})
     tags.update({lineage.tag_key("dvc.lock", p): h for p, h in lineage.dvc_lock_hashes(stage.name).items()})
+    if tp.init_from:
+        tags.update(init_from_tags(upstream_dirs, _rel))
     for name, info in upstream.items():
         tags[f"upstream.{name}.run_id"] = info.get("run_id", "")
         tags[f"upstream.{name}.git_commit"] = info.get("git_commit", "")
@@ -563,6 +570,7 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
         "ray_run": run_dir,
         "inputs": {_rel(p): h for p, h in hashes.items()},
         "upstream": {name: u.get("run_id", "") for name, u in upstream.items()},
+        **({"init_from": init_from_lineage(_abs(tp.init_from))} if tp.init_from else {}),
         "registered_model": registered or "",
     }
     lineage.write_lineage(str(local_model), info)
@@ -628,3 +636,28 @@ def _export_model(ckpt, local: Path) -> None:
         if local.exists():
             shutil.rmtree(local)
         shutil.copytree(final, local)
+
+
+INIT_FROM = "init_from"  # the upstream_dirs key a first stage finds `train.init_from` under
+
+
+def init_from_lineage(folder: str) -> dict:
+    """What `train.init_from` contributes to the lineage: the folder and, for an imported model, the name and
+    SHA-256 of each file it came from (its meta.json `imported_from`)."""
+    meta_path = Path(folder) / "meta.json"
+    if not (Path(folder) / "config.json").is_file():
+        raise ParamsError(
+            f"train.init_from={folder}: not a model folder (no config.json); pass a folder written by "
+            "`edtalk import` or a training stage"
+        )
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {"folder": folder, "run_id": "", "git_commit": "", "imported_from": meta.get("imported_from", [])}
+
+
+def init_from_tags(upstream_dirs: dict, rel) -> dict[str, str]:
+    folder = next(iter(upstream_dirs.values()))
+    tags = {"init_from": rel(folder)}
+    for src in init_from_lineage(folder)["imported_from"]:
+        tags[f"init_from.{src['kind']}.file"] = src["file"]
+        tags[f"init_from.{src['kind']}.sha256"] = src["sha256"]
+    return tags

@@ -96,7 +96,7 @@ def samples(p: AutoencoderParams, seed: int) -> data.RowFn:
 
 
 def build(model_section: dict, p: AutoencoderParams, upstream: dict[str, str]) -> Nets:
-    nets = edtalk_nets("autoencoder", model_section, None, {"perceptual": perceptual(p)})
+    nets = edtalk_nets("autoencoder", model_section, upstream.get("init_from"), {"perceptual": perceptual(p)})
     if p.w_shape > 0:
         add_aux_head(
             nets, SHAPE_HEAD, torch.nn.Linear(nets.model.config.navigation.lia_bases, 2 * 20, bias=False)
