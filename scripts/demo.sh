@@ -49,5 +49,5 @@ done
 [ -f outputs/demo/render.mp4 ] && echo "generated video     outputs/demo/render.mp4"
 echo "Ray checkpoints     outputs/ray/"
 echo "DVC                 dvc dag; dvc metrics show; dvc params diff"
-echo "MLflow              mlflow ui --backend-store-uri ${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}   (then open http://127.0.0.1:5000)"
+echo "MLflow              mlflow ui --backend-store-uri ${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}   (then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning)"
 echo "                    parent run ${EDTALK_PARENT_RUN_ID} holds this invocation's stage runs"
