@@ -129,19 +129,17 @@ def _is_uri(text: str) -> bool:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A models/ folder, one stage folder, or an MLflow URI (`models:/NAME/VERSION`, `runs:/ID/path`, any artifact
-    URI) -> the local folder holding config.json and the weights (MLflow artifacts are downloaded first)."""
+    """A models/ folder, one stage folder, or an MLflow URI (`models:/NAME/VERSION`, `models:/NAME@ALIAS`,
+    `runs:/ID/path`, any artifact URI) -> the local folder holding config.json and the weights (MLflow artifacts are
+    downloaded first, by pipelines.model_uri)."""
     text = str(model)
     if _is_uri(text):
-        import mlflow
+        from pipelines import model_uri
 
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
-        except Exception as exc:  # MlflowException, OSError: name the URI and how to check it
-            raise GenerateError(
-                f"model {text}: cannot download it from MLflow ({exc}); check the URI, the registered name and "
-                "version, and MLFLOW_TRACKING_URI"
-            ) from exc
+            local = model_uri.download(text)
+        except model_uri.ModelUriError as exc:
+            raise GenerateError(str(exc)) from exc
     else:
         local = Path(text)
         if not local.exists():

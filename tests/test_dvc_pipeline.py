@@ -77,6 +77,12 @@ def test_dvc_repro_runs_once_then_nothing(tmp_path):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], repo, env)
 
+    # one parent MLflow run around the invocation, as scripts/demo.sh opens it: DVC's stage processes nest under it
+    start = [sys.executable, "-m", "pipelines.pipeline_run", "start"]
+    parent = subprocess.run(
+        start, cwd=repo, env=env, capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    env["EDTALK_PARENT_RUN_ID"] = parent
     first = _run(["dvc", "repro", TARGET], repo, env)
     for stage in ("synth", "preprocess", "autoencoder", "mouth_pose"):
         assert f"Running stage '{stage}'" in first, first[-3000:]
@@ -93,6 +99,15 @@ def test_dvc_repro_runs_once_then_nothing(tmp_path):
     run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(lineage["run_id"])
     assert run.data.tags["dvc.md5.data/processed"] == locked["data/processed"]
     assert run.data.tags["dvc.md5.models/autoencoder"] == locked["models/autoencoder"]
+    # ... the dataset input's digest is that same hash, the run is nested, and the registered version carries the
+    # hash DVC locked for the stage's output folder
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [locked["data/processed"]]
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["mouth_pose"]["outs"]
+    version = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version(
+        lineage["registered_model"], lineage["model_version"]
+    )
+    assert version.tags["dvc.md5"] == next(o["md5"] for o in outs if o["path"] == "models/mouth_pose")
 
 
 def test_render_stage_command_makes_a_video_of_a_held_out_identity(tmp_path):

@@ -80,3 +80,43 @@ def test_run_logs_to_postgres_and_s3(mlflow_server, postgres_server, s3_server, 
     # ... and the artifact really is an object in the S3 bucket.
     keys = s3_server.keys(mlflow_server.bucket, mlflow_server.artifacts_prefix + "/")
     assert any(k.endswith(f"{run_id}/artifacts/samples/samples.txt") for k in keys), keys
+
+
+def test_lineage_entities_through_the_server(mlflow_server, tmp_path, monkeypatch):
+    """What pipelines/lineage.py records, through the PostgreSQL-backed server: a dataset input whose digest is a
+    36-character DVC directory md5 (the column's limit there), a logged model uploaded through the artifact proxy
+    and used as the next run's model input, a registered version from it, and an alias that pipelines.model_uri
+    resolves to the model's files."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Dataset
+
+    from pipelines import lineage, model_uri
+
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in mlflow_server.client_env().items():
+        monkeypatch.setenv(k, v)
+    uri = mlflow_server.uri
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = lineage.experiment_id("infra-lineage-test", uri)
+    assert client.get_experiment(exp_id).tags[lineage.EXPERIMENT_KIND] == lineage.MODEL_TRAINING
+
+    digest = "0123456789abcdef0123456789abcdef.dir"  # md5 + ".dir": DVC's hash of a folder, 36 characters
+    data = Dataset("processed/segments", digest, "local", '{"uri": "/data/processed/segments"}', None, "{}")
+    first = client.create_run(exp_id, run_name="autoencoder").info.run_id
+    lineage.log_inputs(first, uri, [(data, {"mlflow.data.context": "training"})])
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"preset": "tiny"}')
+    model_id = lineage.log_logged_model(first, exp_id, "autoencoder", folder, {"stage": "autoencoder"}, uri)
+    version = lineage.register(first, model_id, "infra-lineage-autoencoder", uri)
+    client.set_registered_model_alias("infra-lineage-autoencoder", "candidate", version)
+    second = client.create_run(exp_id, run_name="mouth_pose", tags={"mlflow.parentRunId": first}).info.run_id
+    lineage.log_inputs(second, uri, [(data, {"mlflow.data.context": "training"})], [model_id])
+
+    run = client.get_run(second)
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [digest]
+    assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
+    assert [m.model_id for m in client.get_run(first).outputs.model_outputs] == [model_id]
+    local = model_uri.download("models:/infra-lineage-autoencoder@candidate")
+    assert (local / "config.json").read_text() == '{"preset": "tiny"}'

@@ -287,12 +287,14 @@ def test_to_model_inputs_scales_and_resizes():
 
 
 def test_grid_image_layout():
-    from pipelines.train.runner import grid_image
+    from pipelines.train.runner import GRID_MIN_SIDE, grid_image
 
     cols = {"a": torch.zeros(3, 3, 8, 8), "b": torch.ones(3, 3, 8, 8)}
     img = grid_image(cols)
-    assert img.shape == (24, 16, 3) and img.dtype == np.uint8
-    assert img[:, :8].max() == 128 and img[:, 8:].min() == 255
+    side = 8 * -(-GRID_MIN_SIDE // 8)  # cells enlarged by whole pixels to at least GRID_MIN_SIDE
+    body = img[-3 * side :]  # below the white band of column titles
+    assert img.shape[0] > 3 * side and img.shape[1:] == (2 * side, 3) and img.dtype == np.uint8
+    assert body[:, :side].max() == 128 and body[:, side:].min() == 255
 
 
 def test_stage_registry_and_cli_errors():

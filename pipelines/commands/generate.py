@@ -19,7 +19,7 @@ SPACE_HELP = {
     "--model",
     "model",
     required=True,
-    help="models/ folder, models/STAGE, or MLflow URI (models:/NAME/VERSION, runs:/ID/path).",
+    help="models/ folder, models/STAGE, or MLflow URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/path).",
 )
 @click.option(
     "--identity", required=True, help="Image with one face (any size); cropped as preprocessing does."
