@@ -30,6 +30,12 @@ form:
 - glibc malloc told to keep freed memory (`retain_freed_memory`), so the per-frame activations are not
   page-faulted in afresh every frame.
 
+The reference-compatible variant (ModelConfig.preset("reference"), `edtalk import`) runs through the same path:
+its ToRGB's 1x1 conv (linear, bias-free) stays fused with the warp and its FusedLeakyReLU + bias run plainly after
+it; its warp samples with align_corners=False on a float64-built base grid; its EEM (the released one) is an
+instance-normed conv of the identity feature, done once per identity, and a per-frame AdaIN affine.
+tests/test_reference_fast.py checks it against the eager reference variant.
+
 The training forward (edtalk/ops.py ...) is untouched; this path is for `torch.inference_mode` / `no_grad` only
 and rebuilds itself when the model's weights change. tests/test_model_fast.py checks it against the eager model.
 """
