@@ -20,8 +20,13 @@ emotion's mean weights). Rounds alternate the paths so all see the same machine 
 The fast renderer's one-off costs (building the weight snapshot, the first call's oneDNN weight prepacking) are
 measured separately (`prepare_ms`, `first_render_ms`) and not in the per-frame times.
 
-Usage: python bench/model.py [--frames 8] [--rounds 5]
-Writes bench/results/model.json.
+--variant reference: the same measurements for the imported reference variant (`edtalk import` of the authors'
+EDTalk.pt, ModelConfig.preset("reference"): non-linear ToRGB, align_corners=False warp, the released EEM, no eye
+space), on EDTalk.pt's layout with the fixture weights regenerated from ../shared/reference's manifest
+(tests/reference_kit.py); naive and fast then run the same imported weights.
+
+Usage: python bench/model.py [--frames 8] [--rounds 5] [--variant paper|reference]
+Writes bench/results/model.json (paper) or bench/results/model_reference.json (reference).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import json
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -108,6 +115,30 @@ def gflops(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def build_model(variant: str):
+    """(model in eval mode, config): the paper preset with seeded random weights, or an imported EDTalk.pt."""
+    from edtalk import EDTalk, ModelConfig
+
+    if variant == "reference":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from reference_kit import (  # the manifest's weights, imported as `edtalk import` does
+            run_import,
+            write_pt,
+        )
+
+        with tempfile.TemporaryDirectory(prefix="bench_reference_") as tmp:
+            ckpt = write_pt(Path(tmp) / "EDTalk.pt", "edtalk")
+            result = run_import(ckpt, "--output", Path(tmp) / "model")
+            if result.exit_code != 0:
+                raise SystemExit(f"bench/model.py: edtalk import failed: {result.output.strip()}")
+            model = EDTalk.from_pretrained(Path(tmp) / "model").eval()
+        return model, model.config
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("paper")
+    cfg.expression_predictor = None  # not on the rendering path (and its checkpoints are not on this machine)
+    return EDTalk(cfg).eval(), cfg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=8, help="frames rendered per round and path")
@@ -115,19 +146,26 @@ def main() -> None:
         "--rounds", type=int, default=5, help="alternating rounds of all paths (median reported)"
     )
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast path")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model.json")
+    parser.add_argument(
+        "--variant",
+        choices=("paper", "reference"),
+        default="paper",
+        help="paper preset or imported EDTalk.pt",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/model[_reference].json")
     args = parser.parse_args()
+    if args.out is None:
+        suffix = "" if args.variant == "paper" else f"_{args.variant}"
+        args.out = ROOT / "bench" / "results" / f"model{suffix}.json"
 
-    from edtalk import EDTalk, ModelConfig
     from edtalk.fast import prepared_conv_available
 
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("paper")
-    cfg.expression_predictor = None  # not on the rendering path (and its checkpoints are not on this machine)
-    model = EDTalk(cfg).eval()
+    model, cfg = build_model(args.variant)
     counts = model.parameter_counts()
     img, img_name = _identity_image(cfg.image_size)
-    _log(f"paper preset built: generator+EEM {counts['generator_with_eem']:,} params; identity {img_name}")
+    _log(
+        f"{args.variant} model built: generator+EEM {counts['generator_with_eem']:,} params; identity {img_name}"
+    )
 
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -285,7 +323,7 @@ def main() -> None:
             "eem": round(flops_render - flops_decoder, 1),
         },
         "settings": {
-            "preset": "paper",
+            "preset": args.variant,
             "frames": args.frames,
             "rounds": args.rounds,
             "identity_image": img_name,

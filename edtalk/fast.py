@@ -30,6 +30,12 @@ form:
 - glibc malloc told to keep freed memory (`retain_freed_memory`), so the per-frame activations are not
   page-faulted in afresh every frame.
 
+The reference-compatible variant (ModelConfig.preset("reference"), `edtalk import`) runs through the same path:
+its ToRGB's 1x1 conv (linear, bias-free) stays fused with the warp and its FusedLeakyReLU + bias run plainly after
+it; its warp samples with align_corners=False on a float64-built base grid; its EEM (the released one) is an
+instance-normed conv of the identity feature, done once per identity, and a per-frame AdaIN affine.
+tests/test_reference_fast.py checks it against the eager reference variant.
+
 The training forward (edtalk/ops.py ...) is untouched; this path is for `torch.inference_mode` / `no_grad` only
 and rebuilds itself when the model's weights change. tests/test_model_fast.py checks it against the eager model.
 """
@@ -49,8 +55,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.nn import functional as F
 
-from edtalk.navigation import SPACES
-from edtalk.ops import LRELU_GAIN, LRELU_SLOPE
+from edtalk.eem import ReferenceEEMBlock
+from edtalk.ops import LRELU_GAIN, LRELU_SLOPE, ReferenceToRGB, fused_leaky_relu
 
 # Winograd F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2, inf (Lavin & Gray, "Fast Algorithms for
 # Convolutional Neural Networks", 2015): Y = A^T [(G g G^T) * (B^T d B)] A over 6x6 input tiles with stride 4.
@@ -237,8 +243,9 @@ def winograd_conv3x3(
     return out.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
 
 
-def warp_bilinear(feat: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """F.grid_sample(feat, grid, align_corners=True) (bilinear, zero padding), returned in channels-last memory.
+def warp_bilinear(feat: torch.Tensor, grid: torch.Tensor, align_corners: bool = True) -> torch.Tensor:
+    """F.grid_sample(feat, grid, align_corners=align_corners) (bilinear, zero padding), returned in channels-last
+    memory.
 
     The warp is a linear map with four taps per output pixel shared by all channels, so it runs as one sparse
     (CSR) x dense product per frame: out (Ho*Wo, C) = S (Ho*Wo, H*W) @ feat (H*W, C), reading each source pixel's
@@ -249,8 +256,11 @@ def warp_bilinear(feat: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     ho, wo = grid.shape[1:3]
     outs = []
     for i in range(grid.shape[0]):
-        ix = (grid[i, ..., 0].reshape(-1) + 1.0) * ((w - 1) / 2)
-        iy = (grid[i, ..., 1].reshape(-1) + 1.0) * ((h - 1) / 2)
+        gx, gy = grid[i, ..., 0].reshape(-1), grid[i, ..., 1].reshape(-1)
+        if align_corners:  # -1 and 1 are the centres of the corner pixels
+            ix, iy = (gx + 1.0) * ((w - 1) / 2), (gy + 1.0) * ((h - 1) / 2)
+        else:  # -1 and 1 are the outer edges of the corner pixels (grid_sample's unnormalisation)
+            ix, iy = ((gx + 1.0) * w - 1.0) / 2, ((gy + 1.0) * h - 1.0) / 2
         x0f, y0f = ix.floor(), iy.floor()
         wx1, wy1 = ix - x0f, iy - y0f
         x0, y0 = x0f.to(torch.int64), y0f.to(torch.int64)
@@ -551,6 +561,16 @@ def _modulation(mc) -> tuple[torch.Tensor, torch.Tensor]:
     return lin.weight.detach() * lin.scale, lin.bias.detach() * lin.lr_mul
 
 
+def _rgb_modulation(to_rgb, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToRGB's style linear; the reference ToRGB has no style: a zero weight and a bias of ones, so its style is
+    exactly 1 and the levels keep one layout of styles."""
+    if isinstance(to_rgb, ReferenceToRGB):
+        bias = to_rgb.bias.detach()
+        c = to_rgb.conv[0].weight.shape[1]
+        return bias.new_zeros(c, latent_dim), bias.new_ones(c)
+    return _modulation(to_rgb.conv)
+
+
 class _FastGenerator:
     def __init__(
         self,
@@ -562,6 +582,8 @@ class _FastGenerator:
         sparse_warp_min_size: int,
     ):
         self.sparse_warp_min_size = sparse_warp_min_size
+        # GeneratorConfig.warp: "reference" builds the base grid in float64 and samples with align_corners=False.
+        self.align_corners = not gen.flows[0].reference_warp
         self.const = gen.input.input.detach()
         # the finest levels whose ToRGB sees the blend of warp and generated features (Generator.paint_scales)
         self.first_paint = len(gen.convs) - gen.paint_scales
@@ -590,8 +612,9 @@ class _FastGenerator:
             c = conv3(conv, size)
             mods.append(_modulation(flow.conv))
             fw = flow.conv.weight.detach() * flow.conv.scale  # (3, C, 1, 1), no demodulation
-            mods.append(_modulation(to_rgb.conv))
-            rw = to_rgb.conv.weight.detach() * to_rgb.conv.scale
+            mods.append(_rgb_modulation(to_rgb, mods[0][0].shape[1]))
+            rgb_conv = to_rgb.conv[0] if isinstance(to_rgb, ReferenceToRGB) else to_rgb.conv
+            rw = rgb_conv.weight.detach() * rgb_conv.scale
             w2s += [None, None]
             self.levels.append(
                 {
@@ -602,6 +625,8 @@ class _FastGenerator:
                     "flow_up": _Upsample3(flow.upsample, 3),
                     "rgb_w": rw,
                     "rgb_b": to_rgb.bias.detach().view(1, 3, 1, 1),
+                    # the reference ToRGB's FusedLeakyReLU bias, applied before its activation (None: ours, linear)
+                    "rgb_act": to_rgb.conv[1].bias.detach() if isinstance(to_rgb, ReferenceToRGB) else None,
                     "rgb_up": _Upsample3(to_rgb.upsample, 3),
                     "size": size,
                 }
@@ -615,8 +640,9 @@ class _FastGenerator:
     def _grid(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
         key = (h, w, ref.dtype, ref.device)
         if key not in self.grids:
-            ys = torch.linspace(-1.0, 1.0, h, device=ref.device, dtype=ref.dtype)
-            xs = torch.linspace(-1.0, 1.0, w, device=ref.device, dtype=ref.dtype)
+            lin = ref.dtype if self.align_corners else torch.float64  # the reference's float64 base grid
+            ys = torch.linspace(-1.0, 1.0, h, device=ref.device, dtype=lin).to(ref.dtype)
+            xs = torch.linspace(-1.0, 1.0, w, device=ref.device, dtype=lin).to(ref.dtype)
             self.grids[key] = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).unsqueeze(0)
         return self.grids[key]
 
@@ -666,18 +692,29 @@ class _FastGenerator:
         if feat.shape[0] != b:
             feat = feat.expand(b, -1, -1, -1)
         if h >= self.sparse_warp_min_size and out.device.type == "cpu":
-            raw = warp_bilinear(_cl(feat.to(out.dtype)), grid)
+            raw = warp_bilinear(_cl(feat.to(out.dtype)), grid, self.align_corners)
         else:
-            raw = F.grid_sample(feat.to(out.dtype), grid, align_corners=True)
+            raw = F.grid_sample(feat.to(out.dtype), grid, align_corners=self.align_corners)
         if i >= self.first_paint:  # ToRGB of the blend mask * warped + (1 - mask) * gen
             out = torch.lerp(out, raw, mask)
-            rgb_new = self._conv1x1(out, lv["rgb_w"], s_rgb) + lv["rgb_b"].to(out.dtype)
+            rgb_new = self._rgb_out(lv, self._conv1x1(out, lv["rgb_w"], s_rgb))
         else:
-            # ToRGB is a per-pixel linear map over channels: ToRGB(raw * mask) = mask * ToRGB(raw).
-            rgb_new = torch.addcmul(lv["rgb_b"].to(out.dtype), mask, self._conv1x1(raw, lv["rgb_w"], s_rgb))
+            # ToRGB's 1x1 conv is a per-pixel linear map over channels: conv(raw * mask) = mask * conv(raw).
+            rgb_new = self._rgb_out(lv, self._conv1x1(raw, lv["rgb_w"], s_rgb), mask)
             out = torch.lerp(out, raw, mask)  # mask * warped + (1 - mask) * gen
         rgb = rgb_new if rgb is None else rgb_new + lv["rgb_up"](rgb)
         return out, logits, rgb
+
+    @staticmethod
+    def _rgb_out(lv: dict, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ToRGB's output from its 1x1 conv's output y (times `mask`, if given): ours + bias (linear); the
+        reference's FusedLeakyReLU(b1) -> + b2, run plainly after the conv."""
+        bias = lv["rgb_b"].to(y.dtype)
+        if lv["rgb_act"] is None:
+            return y + bias if mask is None else torch.addcmul(bias, mask, y)
+        if mask is not None:
+            y = y * mask
+        return fused_leaky_relu(y, lv["rgb_act"].to(y.dtype)) + bias
 
     def _rgb_weight(self, i: int, s_rgb: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """(B, 3, C) per-frame ToRGB weight of level i."""
@@ -708,9 +745,10 @@ class _FastGenerator:
         return proj
 
     def _last_rgb(self, i: int, out, mask, grid, s_rgb, feat, rgb, feature_rgb=None) -> torch.Tensor:
-        """The finest level's image. Its warped feature feeds only ToRGB, a per-pixel linear map to 3 channels,
-        and the warp is linear per channel: so the feature is projected to RGB first and the 3-channel image is
-        warped, ToRGB(warp(f)) = warp(ToRGB(f)); with the EEM, f = x + a * y + c projects without being summed.
+        """The finest level's image. Its warped feature feeds only ToRGB, whose 1x1 conv is a per-pixel linear map
+        to 3 channels (the reference's activation comes after it), and the warp is linear per channel: so the
+        feature is projected to RGB first and the 3-channel image is warped, conv(warp(f)) = warp(conv(f)); with
+        the EEM, f = x + a * y + c projects without being summed.
         That removes the passes over the 256 px maps that warping 64 channels (and summing the EEM) would take."""
         lv = self.levels[i]
         h = out.shape[2]
@@ -719,15 +757,14 @@ class _FastGenerator:
             feature_rgb = self._project_rgb(s_rgb, feat)
         proj = feature_rgb.to(dt)
         if h >= self.sparse_warp_min_size and out.device.type == "cpu":
-            raw_rgb = warp_bilinear(proj, grid)
+            raw_rgb = warp_bilinear(proj, grid, self.align_corners)
         else:
-            raw_rgb = F.grid_sample(proj, grid, align_corners=True)
-        bias = lv["rgb_b"].to(dt)
+            raw_rgb = F.grid_sample(proj, grid, align_corners=self.align_corners)
         if i >= self.first_paint:
-            # ToRGB(lerp(gen, warped, mask)) = lerp(ToRGB(gen), ToRGB(warped), mask): also per-pixel linear.
-            rgb_new = torch.lerp(self._conv1x1(out, lv["rgb_w"], s_rgb), raw_rgb, mask) + bias
+            # conv(lerp(gen, warped, mask)) = lerp(conv(gen), conv(warped), mask): also per-pixel linear.
+            rgb_new = self._rgb_out(lv, torch.lerp(self._conv1x1(out, lv["rgb_w"], s_rgb), raw_rgb, mask))
         else:
-            rgb_new = torch.addcmul(bias, mask, raw_rgb)
+            rgb_new = self._rgb_out(lv, raw_rgb, mask)
         return rgb_new if rgb is None else rgb_new + lv["rgb_up"](rgb)
 
     @staticmethod
@@ -847,6 +884,28 @@ class _FastEEMBlock:
         return self.parts(x, cond, prepared).sum()
 
 
+class _FastReferenceEEMBlock:
+    """The EEM block as the reference releases it (eem.variant="reference"): out = x + AdaIN2(conv2(x), e). Its
+    convolution and instance norm see the identity feature only, so they run plainly once per identity
+    (`prepare`); per frame only the AdaIN's affine (1 + gamma, beta) remains, EEMParts(x, prepared, 1 + gamma,
+    beta)."""
+
+    def __init__(self, block: ReferenceEEMBlock) -> None:
+        self.block = block
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return _cl(self.block.prepare(x))
+
+    def parts(self, x: torch.Tensor, cond: torch.Tensor, prepared: torch.Tensor) -> EEMParts:
+        norm = self.block.norm2
+        h = norm.mlp_shared(cond)
+        dt = prepared.dtype
+        return EEMParts(_cl(x), prepared, 1.0 + norm.mlp_gamma(h).to(dt), norm.mlp_beta(h).to(dt))
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+        return self.parts(x, cond, prepared).sum()
+
+
 class EEMParts(NamedTuple):
     """An EEM block's output f^id + a * y + c as its pieces: x (1 or B, C, H, W), y (B, C, H, W), a and c (B, C).
     The generator's last level only projects it to 3 channels, so it never needs the sum itself."""
@@ -920,20 +979,6 @@ class _FastEncoder:
         return latent, feats[-2::-1]
 
 
-def unsupported_reason(config) -> str | None:
-    """Why this fast path cannot run a model of `config` (None: it can). It is written for our generator and EEM:
-    it folds ToRGB (linear there) into the warp and samples with align_corners=True, so the reference-compatible
-    switches (ModelConfig.preset("reference")) are rendered by the eager model instead."""
-    reasons = []
-    if config.generator.to_rgb != "modulated":
-        reasons.append(f"generator.to_rgb={config.generator.to_rgb!r}")
-    if config.generator.warp != "align_corners":
-        reasons.append(f"generator.warp={config.generator.warp!r}")
-    if config.eem.enabled and config.eem.variant != "full":
-        reasons.append(f"eem.variant={config.eem.variant!r}")
-    return f"the fast path does not implement {', '.join(reasons)}" if reasons else None
-
-
 class FastRenderer:
     """`renderer.render(identity, weights)` == `model.render(identity, weights)` (within float rounding), faster;
     likewise `encode_identity(img)` and `extract(frames, spaces)`.
@@ -965,9 +1010,6 @@ class FastRenderer:
         retain_memory: bool = True,
         frame_groups: int | None = None,
     ) -> None:
-        reason = unsupported_reason(model.config)
-        if reason is not None:
-            raise NotImplementedError(f"FastRenderer: {reason}; render with the model itself")
         self.model = model
         self._pool: tuple[int, ThreadPoolExecutor, int] | None = None
         if retain_memory:
@@ -1020,7 +1062,10 @@ class FastRenderer:
                         ch >= o["winograd_min_channels"]
                         and o["winograd_sizes"][0] <= size <= o["winograd_sizes"][1]
                     )
-                    blocks.append(_FastEEMBlock(block, wino, o["use_mkldnn"]))
+                    if isinstance(block, ReferenceEEMBlock):
+                        blocks.append(_FastReferenceEEMBlock(block))
+                    else:
+                        blocks.append(_FastEEMBlock(block, wino, o["use_mkldnn"]))
                     size *= 2
                 self.eem = blocks
         self.versions = self._versions()
@@ -1049,7 +1094,7 @@ class FastRenderer:
 
     def extract(self, frames: torch.Tensor, spaces: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Same contract as EDTalk.extract: driving frames (B,3,S,S) -> {space: W^s}."""
-        spaces = SPACES if spaces is None else tuple(spaces)
+        spaces = self.model.navigation.spaces if spaces is None else tuple(spaces)
         self.model.check_extract(frames, spaces)
         with torch.inference_mode():
             self._current()

@@ -770,15 +770,7 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     timers = {"load": 0.0, "decode": 0.0, "drive": 0.0, "render": 0.0, "encode_mux": 0.0}
     # The fast path computes the same frames as model.render (within float rounding, bench/model.py), and the
     # same identity and driving weights as model.encode_identity / model.extract.
-    renderer = model
-    if params.fast_render and device.type == "cpu":
-        from edtalk.fast import unsupported_reason
-
-        reason = unsupported_reason(model.config)
-        if reason is None:
-            renderer = model.fast_renderer()
-        else:
-            log.info("%s: rendering with the eager model", reason)
+    renderer = model.fast_renderer() if params.fast_render and device.type == "cpu" else model
     with torch.no_grad():
         drivers = Drivers(model, plan, req, params, cropper, size, device, extract=renderer.extract)
         ident = renderer.encode_identity(to_tensor(identity_crop[None], device))

@@ -1,10 +1,8 @@
 """`edtalk generate` with an imported reference model (fixture weights): audio-driven through the authors'
-Audio2Lip (their mel, windows and smoothing), pose from an image, a predefined expression preset; the CPU fast
-path does not implement the reference switches, so generation falls back to the eager model and says so."""
+Audio2Lip (their mel, windows and smoothing), pose from an image, a predefined expression preset, rendered by
+the CPU fast path (tests/test_reference_fast.py checks it against the eager reference variant)."""
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ import soundfile as sf
 from reference_kit import fixture, run_import, write_pt
 
 from edtalk import EDTalk
-from edtalk.fast import FastRenderer
 from edtalk.reference.audio import lip_weights
 from pipelines import video_io
 from pipelines.generate import GenerateError, GenerateParams, Request, plan_sources, run
@@ -44,14 +41,8 @@ def speech(media_dir, tmp_path_factory):
     return path
 
 
-def test_fast_path_refuses_the_reference_variant(imported):
-    model = EDTalk.from_pretrained(imported)
-    with pytest.raises(NotImplementedError, match="generator.to_rgb='reference'"):
-        FastRenderer(model)
-
-
-@pytest.mark.slow  # eager 256 px rendering on CPU
-def test_generate_audio_driven_with_preset_expression(imported, media_dir, speech, tmp_path, caplog):
+@pytest.mark.slow  # 256 px rendering on CPU
+def test_generate_audio_driven_with_preset_expression(imported, media_dir, speech, tmp_path):
     out = tmp_path / "ref.mp4"
     req = Request(
         identity=str(media_dir / "images" / "SadTalker__happy.png"),
@@ -61,9 +52,7 @@ def test_generate_audio_driven_with_preset_expression(imported, media_dir, speec
         output=str(out),
     )
     model = EDTalk.from_pretrained(imported).eval()
-    with caplog.at_level(logging.INFO, logger="pipelines.generate"):
-        res = run(req, model, GenerateParams(threads=2, chunk_frames=3), PREP)
-    assert any("rendering with the eager model" in r.message for r in caplog.records)
+    res = run(req, model, GenerateParams(threads=2, chunk_frames=3), PREP)
     assert res["sources"]["mouth"]["kind"] == "audio" and res["sources"]["expression"]["kind"] == "emotion"
     assert "eye" not in res["sources"]  # EDTalk.pt has no eye space
     frames = video_io.decode_frames(out)
