@@ -137,13 +137,15 @@ def main() -> None:
     files = replicate(files, args.repeat, Path(copies_dir.name))
     import ray
 
+    from preprocessing import local_ray
+
     load_before = os.getloadavg()
     print(f"{len(files)} videos, <= {args.max_seconds:g} s each; warming up", flush=True)
     decode_only(files[:1], 1.0)  # imports and codec init outside the timings
     frames0, sec0, cpu0 = decode_only(files, args.max_seconds)
     print(f"decode only: {frames0} frames in {sec0:.1f} s = {frames0 / sec0:.0f} frames/s", flush=True)
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    local_ray.init(num_cpus=os.cpu_count())
     try:
         with PeakRSS() as mem:
             one = end_to_end(files, 1, args.max_seconds)

@@ -280,6 +280,8 @@ def main() -> None:
     import ray
     import torch
 
+    from preprocessing import local_ray
+
     torch.set_num_threads(1)  # the runner's workers run train.torch_threads=1 as well
     overrides = [
         "train.workers=1",
@@ -299,7 +301,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edtalk-bench-train-") as tmp:
         root = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-        ray.init(num_cpus=2, include_dashboard=False)
+        local_ray.init(num_cpus=2)
         data = make_data(root, args.identities, args.seconds)
         plain = PlainLoop(data, overrides, args.batch_size, args.plain_warmup)
         plains.append(plain.run(args.steps))

@@ -179,8 +179,10 @@ def _tiny_text_config(cfg: ExpressionPredictorConfig, vocab_size: int):
 
 
 def _from_pretrained(cls, name: str, what: str, **kwargs):
+    from preprocessing import hf_loading
+
     try:
-        return cls.from_pretrained(name, **kwargs)
+        return hf_loading.load(cls, name, **kwargs)
     except OSError as exc:
         raise OSError(
             f"could not load the {what} {name!r}: give a local folder, or put the checkpoint in the Hugging Face "
@@ -195,7 +197,9 @@ class ExpressionPredictor(nn.Module):
         self, config: ExpressionPredictorConfig | None = None, components_dir: str | Path | None = None
     ):
         super().__init__()
-        from transformers import AutoTokenizer, HubertConfig, HubertModel, RobertaConfig, RobertaModel
+        from transformers import HubertConfig, HubertModel, RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+        from preprocessing.hf_loading import load
 
         self.config = cfg = config or ExpressionPredictorConfig()
         if components_dir is not None:
@@ -206,12 +210,11 @@ class ExpressionPredictor(nn.Module):
                         f"ExpressionPredictor components folder {str(d)!r} lacks {sub}/: it must be written by "
                         "save_components()"
                     )
-            # Architecture only: the weights come with the caller's state dict.
-            self.speech_encoder = HubertModel(HubertConfig.from_pretrained(d / "speech_encoder"))
-            self.text_encoder = RobertaModel(
-                RobertaConfig.from_pretrained(d / "text_encoder"), add_pooling_layer=False
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer")
+            # Architecture only: the weights come with the caller's state dict. Concrete classes only: the
+            # folder comes with a model someone handed over, and must not name code to run (hf_loading).
+            self.speech_encoder = HubertModel(load(HubertConfig, d / "speech_encoder"))
+            self.text_encoder = RobertaModel(load(RobertaConfig, d / "text_encoder"), add_pooling_layer=False)
+            self.tokenizer = load(RobertaTokenizerFast, d / "tokenizer")
         else:
             if cfg.speech_model is None:
                 self.speech_encoder = HubertModel(_tiny_speech_config(cfg))
@@ -225,7 +228,7 @@ class ExpressionPredictor(nn.Module):
                     _tiny_text_config(cfg, len(self.tokenizer)), add_pooling_layer=False
                 )
             else:
-                self.tokenizer = _from_pretrained(AutoTokenizer, cfg.text_model, "text tokenizer")
+                self.tokenizer = _from_pretrained(RobertaTokenizerFast, cfg.text_model, "text tokenizer")
                 self.text_encoder = _from_pretrained(
                     RobertaModel, cfg.text_model, "text model (RoBERTa)", add_pooling_layer=False
                 )

@@ -199,10 +199,17 @@ def score(acc: Mean, prefix: str, gen: np.ndarray, real: np.ndarray, real_lmk: n
 
 # ---------------------------------------------------------------------------------------------------- the run
 def evaluate(
-    model_path: str, data_dir: str, output: str, params: EvaluateParams, prep=None, log_mlflow=True
+    model_path: str,
+    data_dir: str,
+    output: str,
+    params: EvaluateParams,
+    prep=None,
+    log_mlflow=True,
+    alias: str | None = None,
 ) -> dict:
     """Evaluate `model_path` (folder or MLflow URI) on the held-out segments of `data_dir`; write `output`
-    (metrics JSON) and, unless log_mlflow is False, an MLflow run with the metrics, videos and heatmap."""
+    (metrics JSON) and, unless log_mlflow is False, an MLflow run with the metrics, videos and heatmap; with
+    `alias`, point that alias of the model's registered name at the version scored."""
     from tqdm import tqdm
 
     from edtalk.metrics import load_lpips
@@ -213,7 +220,15 @@ def evaluate(
     t0 = time.perf_counter()
     if params.threads:
         torch.set_num_threads(params.threads)
+    if alias and not log_mlflow:
+        raise EvaluateError(f"--alias {alias} needs the MLflow run: drop --no-mlflow")
     model, folder = load_model(model_path)
+    scored = scored_version(model_path, folder)
+    if alias and scored is None:
+        raise EvaluateError(
+            f"--alias {alias}: model {model_path} is not a registered version; pass models:/NAME/VERSION or a "
+            "models/STAGE folder from a training run with train.register_model true"
+        )
     device = next(model.parameters()).device
     size = int(model.config.image_size)
     prep = prep or PreprocessParams(landmark_backend="dlib")
@@ -307,21 +322,54 @@ def evaluate(
     Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
     if log_mlflow:
         metrics["mlflow_run_id"] = log_run(
-            metrics, params, model_path, folder, data_dir, output, videos, heat
+            metrics, params, model_path, folder, data_dir, output, videos, heat, scored
         )
+        if alias:
+            set_alias(scored, alias, metrics["mlflow_run_id"])
+            metrics["alias"] = f"models:/{scored.name}@{alias}"
         Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def log_run(metrics, params, model_path, folder: Path, data_dir, output, videos, heat) -> str:
-    """One MLflow run with the lineage of the training stages: git, input hashes, the model's own run."""
+def scored_version(model_path: str, folder: Path):
+    """The registered version being evaluated: the one `models:/NAME/VERSION|@ALIAS` names, else the one the
+    folder's lineage.json records (a training run's models/STAGE), else None."""
+    from pipelines import lineage, model_uri
+
+    found = model_uri.registered_version(str(model_path)) if model_uri.is_uri(str(model_path)) else None
+    record = folder / lineage.LINEAGE_FILE
+    if found is None and record.is_file():
+        info = json.loads(record.read_text())
+        if info.get("registered_model") and info.get("model_version"):
+            found = model_uri.RegisteredVersion(
+                info["registered_model"], str(info["model_version"]), info.get("model_id")
+            )
+    return found
+
+
+def set_alias(scored, alias: str, run_id: str) -> None:
+    """Point `alias` of the scored model's registered name at the scored version (moving it from any other)."""
+    from pipelines import lineage
+
+    uri = lineage.tracking_uri()
+    lineage.client(uri).set_registered_model_alias(scored.name, alias, scored.version)
+    lineage.set_tags(run_id, {"registered_model.alias": f"{scored.name}@{alias} -> {scored.version}"}, uri)
+
+
+def log_run(metrics, params, model_path, folder: Path, data_dir, output, videos, heat, scored=None) -> str:
+    """One MLflow run with the lineage of the training stages: git, input hashes, the model's own run; in MLflow's
+    terms, the held-out split as a dataset input and the scored logged model as a model input."""
     from pipelines import lineage
 
     uri = lineage.tracking_uri()
     c = lineage.client(uri)
-    run = c.create_run(lineage.experiment_id(params.experiment, uri), run_name="evaluate")
+    exp_id = lineage.experiment_id(params.experiment, uri)
+    run = c.create_run(exp_id, run_name="evaluate")
     run_id = run.info.run_id
-    tags = {"stage": "evaluate", "model.uri": str(model_path), **lineage.git_info(".")}
+    git = lineage.git_info(".")
+    tags = {"stage": "evaluate", "model.uri": str(model_path), **git}
+    tags.update(lineage.source_tags("edtalk evaluate", git) | lineage.parent_tags(exp_id, uri))
+    model_id = scored.model_id if scored else None
     upstream = folder / lineage.LINEAGE_FILE
     if upstream.is_file():
         info = json.loads(upstream.read_text())
@@ -329,10 +377,15 @@ def log_run(metrics, params, model_path, folder: Path, data_dir, output, videos,
         tags["upstream.model.stage"] = info.get("stage", folder.name)
         if info.get("model_version"):
             tags["upstream.model.version"] = info["model_version"]
-    tags.update(
-        {lineage.tag_key("dvc.md5", p): h for p, h in lineage.input_hashes([str(folder), data_dir]).items()}
-    )
+        model_id = model_id or info.get("model_id")
+    if scored:
+        tags["registered_model"] = f"{scored.name}/{scored.version}"
+    hashes = lineage.input_hashes([str(folder), data_dir])
+    tags.update({lineage.tag_key("dvc.md5", p): h for p, h in hashes.items()})
     lineage.set_tags(run_id, tags, uri)
+    dataset = lineage.dataset_entity(data_dir, "segments", lineage.data_digest(data_dir, hashes[data_dir]))
+    context = {"mlflow.data.context": "evaluation", "split": params.split}
+    lineage.log_inputs(run_id, uri, [(dataset, context)], [model_id] if model_id else [])
     lineage.log_params(run_id, {"evaluate": params.to_dict()}, uri)
     flat = {
         k.replace(".", "_"): v

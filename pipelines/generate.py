@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,19 +129,17 @@ def _is_uri(text: str) -> bool:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A models/ folder, one stage folder, or an MLflow URI (`models:/NAME/VERSION`, `runs:/ID/path`, any artifact
-    URI) -> the local folder holding config.json and the weights (MLflow artifacts are downloaded first)."""
+    """A models/ folder, one stage folder, or an MLflow URI (`models:/NAME/VERSION`, `models:/NAME@ALIAS`,
+    `runs:/ID/path`, any artifact URI) -> the local folder holding config.json and the weights (MLflow artifacts are
+    downloaded first, by pipelines.model_uri)."""
     text = str(model)
     if _is_uri(text):
-        import mlflow
+        from pipelines import model_uri
 
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
-        except Exception as exc:  # MlflowException, OSError: name the URI and how to check it
-            raise GenerateError(
-                f"model {text}: cannot download it from MLflow ({exc}); check the URI, the registered name and "
-                "version, and MLFLOW_TRACKING_URI"
-            ) from exc
+            local = model_uri.download(text)
+        except model_uri.ModelUriError as exc:
+            raise GenerateError(str(exc)) from exc
     else:
         local = Path(text)
         if not local.exists():
@@ -369,6 +368,10 @@ def plan_sources(
     values = {s: getattr(req, s) for s in SPACES}
     if req.video is not None and not Path(req.video).is_file():
         raise GenerateError(f"--video {req.video}: no such file; pass a driving video")
+    # Driving videos open first: a corrupt one is reported as a video problem, not by the audio decoder below.
+    for path in {req.video, *values.values()} - {None}:
+        if video_io.is_video(path) and Path(path).is_file():
+            video_io.DrivingVideo(path)
     audio, audio_source = None, None
     if req.audio is not None:
         audio_source = req.audio
@@ -424,6 +427,53 @@ def plan_sources(
 
         audio = fit_length(audio, num_frames * SAMPLES_PER_FRAME)
     return Plan(kinds=kinds, num_frames=num_frames, audio=audio, audio_source=audio_source)
+
+
+# ---------------------------------------------------------------------------------------------------- the output
+OUTPUT_SUFFIX = ".mp4"  # the writer makes H.264 + AAC in an MP4 container
+PARTIAL = ".partial-"  # NAME.mp4 is written as .NAME.mp4.partial-PID.mp4 beside it, renamed when complete
+
+
+def check_output(req: Request) -> Path:
+    """The --output path, checked before any work: an .mp4 file name in a folder that exists or can be made."""
+    out = Path(req.output)
+    if out.suffix.lower() != OUTPUT_SUFFIX:
+        got = f"extension {out.suffix!r}" if out.suffix else "no extension"
+        raise GenerateError(f"--output {out}: {got}; the output is an MP4 (H.264 + AAC): name it NAME.mp4")
+    if out.is_dir():
+        raise GenerateError(f"--output {out} is an existing folder; give a file name, e.g. {out / 'out.mp4'}")
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise GenerateError(f"--output {out}: {folder} is a file, not a folder; choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GenerateError(f"--output {out}: folder {folder} is not writable; choose another output path")
+    inputs = [req.identity, req.audio, req.video, *(getattr(req, s) for s in SPACES)]
+    if any(v and Path(v).exists() and Path(v).resolve() == out.resolve() for v in inputs):
+        raise GenerateError(f"--output {out} is also an input; choose another output path")
+    return out
+
+
+def partial_path(out: Path) -> Path:
+    """Where `out` is written until it is complete: hidden, beside it (same file system: the rename is atomic)."""
+    return out.with_name(f".{out.name}{PARTIAL}{os.getpid()}{OUTPUT_SUFFIX}")
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Partial files of `out` left by runs that were killed outright (SIGKILL) and whose process is gone."""
+    for stale in out.parent.glob(f".{out.name}{PARTIAL}*{OUTPUT_SUFFIX}"):
+        pid = stale.name[len(f".{out.name}{PARTIAL}") : -len(OUTPUT_SUFFIX)]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -618,6 +668,7 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     from preprocessing.audio import load_audio
 
     t_start = time.perf_counter()
+    out = check_output(req)
     prep = prep or PreprocessParams()
     if params.threads:
         torch.set_num_threads(params.threads)
@@ -641,12 +692,12 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
         ident = renderer.encode_identity(to_tensor(identity_crop[None], device))
     timers["load"] = time.perf_counter() - t_start
     preview = params.preview if req.preview is None else req.preview
-    out = Path(req.output)
     preview_path = out.with_name(out.stem + "_preview.mp4") if preview else None
     sample_rate = video_io.SAMPLE_RATE if plan.audio is not None else None
     writer_args = {"sample_rate": sample_rate, "crf": params.crf, "preset": params.x264_preset,
                    "audio_bitrate": params.audio_bitrate}  # fmt: skip
-    writer = video_io.VideoWriter(out, size, size, **writer_args)
+    remove_stale_partials(out)
+    writer = video_io.VideoWriter(partial_path(out), size, size, **writer_args)
     previewer = None
     digest = hashlib.sha256()  # of the rendered frames before encoding: identical generations, identical hash
     try:
@@ -677,7 +728,9 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
                 still = np.broadcast_to(identity_crop, frames.shape)
                 sheet = np.concatenate([still, *panels, frames], axis=2)
                 if previewer is None:
-                    previewer = video_io.VideoWriter(preview_path, sheet.shape[2], size, **writer_args)
+                    previewer = video_io.VideoWriter(
+                        partial_path(preview_path), sheet.shape[2], size, **writer_args
+                    )
                 previewer.write(sheet, audio)
             t3 = time.perf_counter()
             timers["decode"] += drivers.decode_time
@@ -692,10 +745,16 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
         if previewer is not None:
             previewer.close()
         timers["encode_mux"] += time.perf_counter() - t2
-    except BaseException:
-        writer.__exit__(RuntimeError, None, None)
+        # complete: the finished files take their names (a killed run leaves no file under them)
+        os.replace(writer.path, out)
         if previewer is not None:
-            previewer.__exit__(RuntimeError, None, None)
+            os.replace(previewer.path, preview_path)
+    except BaseException:  # errors, Ctrl-C, SIGTERM (pipelines/signals.py): no partial file stays behind
+        for w in (writer, previewer):
+            if w is not None and w.container is not None:
+                w.__exit__(RuntimeError, None, None)
+            elif w is not None:
+                w.path.unlink(missing_ok=True)
         raise
     timers["drive"] -= timers["decode"]  # decode time was measured inside the drive phase
     writers = [w for w in (writer, previewer) if w is not None]

@@ -1,10 +1,14 @@
 """MLflow lineage of stage runs: one MLflow run per stage run, resumed across restarts, tagged so any model can be
 walked back to its data (DVC hashes), code (git commit) and settings (params), and to the runs it started from.
 
+Recorded in MLflow's own terms as well, so its UI shows the lineage: source tags (Source / Version columns), the
+processed tables as dataset inputs (digest = DVC md5), each stage's model as an MLflow 3 logged model with the
+upstream stage's model as a model input, the runs of one pipeline invocation nested under its parent run.
+
 Tracking store: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory (the project root).
-Registered models: `<prefix><stage>` (e.g. `edtalk-autoencoder`); each version's source is the run's `model/`
-artifact, a plain `EDTalk.save_pretrained` folder, so generation loads a version with
-`EDTalk.from_pretrained(mlflow.artifacts.download_artifacts("models:/edtalk-autoencoder/3"))`.
+Registered models: `<prefix><stage>` (e.g. `edtalk-autoencoder`); each version's source is the run's logged model
+(`models:/m-...`), a plain `EDTalk.save_pretrained` folder, so generation loads a version with
+`EDTalk.from_pretrained(mlflow.artifacts.download_artifacts("models:/edtalk-autoencoder/3"))` (or `@ALIAS`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ RUN_ID_FILE = (
     "mlflow_run.json"  # in the Ray run dir: a restarted or re-run driver continues the same MLflow run
 )
 LINEAGE_FILE = "lineage.json"  # next to each stage's model: how the next stage finds its upstream run
-MODEL_ARTIFACT = "model"
+PARENT_ENV = "EDTALK_PARENT_RUN_ID"  # the pipeline invocation's parent run (scripts/demo.sh, pipelines/pipeline_run.py)
+EXPERIMENT_KIND = "mlflow.experimentKind"  # experiment tag the MLflow 3 UI picks its view by
+MODEL_TRAINING = "custom_model_development"  # its model-training view (runs, datasets, models, metrics)
+MODEL_TYPE = "edtalk"  # logged models' model_type: an `EDTalk.save_pretrained` folder
 
 
 # ------------------------------------------------------------------------------------------------- tracking
@@ -56,12 +63,15 @@ def experiment_id(name: str, uri: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND not in exp.tags:  # made before the kind was set (or by hand): same view for all
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        # MLflow 3's UI opens an experiment in its GenAI view unless the experiment says it trains models.
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
     except Exception:  # created concurrently by another stage run
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -278,20 +288,167 @@ def stats_tags(data_dir: str) -> tuple[dict[str, str], dict | None]:
     return {k: v for k, v in flat.items() if len(v) <= 250}, doc
 
 
+# ------------------------------------------------------------------------- MLflow's own lineage (what its UI shows)
+
+
+def source_tags(command: str, git: dict[str, str]) -> dict[str, str]:
+    """MLflow's source tags: the runs table's Source column shows `command`, its Version column the commit."""
+    tags = {"mlflow.source.name": command, "mlflow.source.type": "JOB"}
+    if git.get("git.commit", "unknown") != "unknown":
+        tags["mlflow.source.git.commit"] = git["git.commit"]
+    return tags
+
+
+def parent_tags(exp_id: str, uri: str) -> dict[str, str]:
+    """{"mlflow.parentRunId": $EDTALK_PARENT_RUN_ID} when it names a run of this experiment in this store: the UI
+    nests the run under the pipeline invocation's run. A parent that is not there is named in a warning."""
+    parent = os.environ.get(PARENT_ENV, "").strip()
+    if not parent:
+        return {}
+    try:
+        run = client(uri).get_run(parent)
+    except Exception as exc:
+        log.warning("%s=%s is not a run in %s (%s): the run is not nested", PARENT_ENV, parent, uri, exc)
+        return {}
+    if run.info.experiment_id != exp_id:
+        log.warning(
+            "%s=%s belongs to experiment %s, not %s: the run is not nested (use one experiment per pipeline)",
+            PARENT_ENV,
+            parent,
+            run.info.experiment_id,
+            exp_id,
+        )
+        return {}
+    return {"mlflow.parentRunId": parent}
+
+
+def _colspec(arrow_type) -> dict:
+    """An Arrow type as an MLflow column-spec type (lists as arrays, so the UI shows `frames: array<binary>`)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return {"type": "array", "items": _colspec(arrow_type.value_type)}
+    names = [
+        (pa.types.is_boolean, "boolean"),
+        (pa.types.is_int32, "integer"),
+        (pa.types.is_integer, "long"),
+        (pa.types.is_float32, "float"),
+        (pa.types.is_floating, "double"),
+        (pa.types.is_string, "string"),
+        (pa.types.is_large_string, "string"),
+    ]
+    return {"type": next((name for ok, name in names if ok(arrow_type)), "binary")}
+
+
+def data_profile(data_dir: str) -> dict:
+    """Counts of a processed folder: segments / pairs / rejects rows (`_stats.json` totals), frames, speakers and
+    segments per split (from the segments table's small columns)."""
+    import pyarrow.dataset as pads
+
+    uri = storage.join(data_dir, "_stats.json")
+    stats = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+    profile = {k: int(v) for k, v in (stats.get("totals") or {}).items()}
+    seg_dir = storage.join(data_dir, "segments")
+    if storage.exists(seg_dir):
+        fs, path = storage.resolve(seg_dir)
+        cols = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+            columns=["speaker", "split", "num_frames"]
+        )
+        splits = cols.column("split").to_pylist()
+        profile["frames"] = int(sum(cols.column("num_frames").to_pylist()))
+        profile["speakers"] = len(set(cols.column("speaker").to_pylist()))
+        profile["splits"] = {s: splits.count(s) for s in sorted(set(splits))}
+    if stats.get("rejects"):
+        profile["reject_reasons"] = stats["rejects"]
+    return profile
+
+
+def dataset_entity(data_dir: str, table: str, digest: str):
+    """The processed table `table` of `data_dir` as an MLflow dataset: named `<folder>/<table>`, its source the
+    table's URI, `digest` (the folder's DVC md5) as digest, the table's declared schema and the folder's profile.
+    MLflow keys datasets by (experiment, name, digest): every stage and evaluation reading the same table of the
+    same data logs the very same dataset."""
+    from mlflow.entities import Dataset
+
+    from preprocessing.schema import TABLES
+
+    table_uri = storage.join(data_dir, table)
+    local = storage.local_path_or_none(table_uri)
+    source_type = "local" if local is not None else table_uri.split("://", 1)[0]
+    schema = [{"name": f.name, **_colspec(f.type)} for f in TABLES[table]]
+    return Dataset(
+        name=f"{Path(str(data_dir).rstrip('/')).name}/{table}",
+        digest=digest,
+        source_type=source_type,
+        source=json.dumps({"uri": str(local) if local is not None else table_uri}),
+        schema=json.dumps({"mlflow_colspec": schema}),
+        profile=json.dumps(data_profile(data_dir)),
+    )
+
+
+def data_digest(data_dir: str, known: str | None = None) -> str:
+    """The dataset digest: the DVC md5 of the processed folder (already computed: `known`), else the md5 of its
+    `_stats.json` (remote or unhashed data: what preprocessing wrote last, 32 hex digits)."""
+    if known and known not in ("remote", "missing", "not-hashed"):
+        return known
+    uri = storage.join(data_dir, "_stats.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"{data_dir} has no _stats.json: run `edtalk preprocess --output {data_dir}` first"
+        )
+    return hashlib.md5(storage.read_bytes(uri)).hexdigest()
+
+
+def log_inputs(
+    run_id: str, uri: str, datasets: list[tuple[Any, dict[str, str]]] = (), model_ids: list[str] = ()
+) -> None:
+    """Datasets (entity, input tags such as mlflow.data.context) and logged models as the run's inputs."""
+    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+
+    client(uri).log_inputs(
+        run_id,
+        datasets=[DatasetInput(d, [InputTag(k, str(v)) for k, v in tags.items()]) for d, tags in datasets],
+        models=[LoggedModelInput(m) for m in model_ids if m],
+    )
+
+
+def log_logged_model(run_id: str, exp_id: str, name: str, model_dir: str | Path, tags: dict, uri: str) -> str:
+    """The model folder as an MLflow 3 logged model produced by the run (its output); returns the model id. A re-run
+    of a run that already logged it returns that model."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    c = client(uri)
+    known = c.get_run(run_id).data.tags.get("model_id")
+    if known:
+        return known
+    model = c.create_logged_model(
+        exp_id,
+        name=name,
+        source_run_id=run_id,
+        model_type=MODEL_TYPE,
+        tags={k: str(v) for k, v in tags.items()},
+    )
+    try:
+        c.log_model_artifacts(model.model_id, str(model_dir))
+    except BaseException:
+        c.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    c.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    set_tags(run_id, {"model_id": model.model_id}, uri)
+    return model.model_id
+
+
 # --------------------------------------------------------------------------------------------- the end of a run
 
 
-def log_model_and_register(run_id: str, model_dir: str | Path, name: str | None, uri: str) -> str | None:
-    """Log the model folder as the run's `model/` artifact and, when `name` is given, register it as a new version
-    of that registered model (a plain-artifact version: source = the artifact folder). Returns the version."""
+def register(run_id: str, model_id: str, name: str, uri: str) -> str:
+    """A new version of registered model `name` from the run's logged model (once per run: a re-run of a finished
+    run returns the version it made). Returns the version."""
     c = client(uri)
-    c.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-    if not name:
-        return None
-    run = c.get_run(run_id)
-    registered = run.data.tags.get("registered_model_version")
-    if registered and run.data.tags.get("registered_model_name") == name:
-        return registered  # a re-run of a finished run: the version exists already
+    tags = c.get_run(run_id).data.tags
+    if tags.get("registered_model_version") and tags.get("registered_model_name") == name:
+        return tags["registered_model_version"]
     try:
         c.get_registered_model(name)
     except Exception:
@@ -299,10 +456,25 @@ def log_model_and_register(run_id: str, model_dir: str | Path, name: str | None,
             c.create_registered_model(name, description="EDTalk pipeline stage model (edtalk.EDTalk folder)")
         except Exception:  # created concurrently
             c.get_registered_model(name)
-    source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
-    version = c.create_model_version(name, source=source, run_id=run_id).version
+    version = c.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
+    ).version
     set_tags(run_id, {"registered_model_name": name, "registered_model_version": version}, uri)
     return str(version)
+
+
+def tag_model_hash(
+    model_id: str, model_dir: str, uri: str, name: str | None = None, version: str | None = None
+):
+    """The DVC md5 of the final model folder (what dvc.lock records for it) on the logged model and the registered
+    version, so a version is found from `dvc.lock` and back (not for remote folders: their store versions them)."""
+    digest = input_hashes([model_dir])[model_dir]
+    if digest in ("remote", "missing"):
+        return
+    c = client(uri)
+    c.set_logged_model_tags(model_id, {"dvc.md5": digest})
+    if name and version:
+        c.set_model_version_tag(name, version, "dvc.md5", digest)
 
 
 def write_lineage(model_dir: str, payload: dict) -> None:

@@ -400,14 +400,16 @@ class SpeechEncoder:
     """A transformers audio encoder (HuBERT, wav2vec2, ...) from a local folder -> hidden states at 25 fps."""
 
     def __init__(self, model_path: str | os.PathLike, layer: int = -1):
-        from transformers import AutoFeatureExtractor, AutoModel
+        from transformers import Wav2Vec2FeatureExtractor
+
+        from preprocessing.hf_loading import load, speech_model_class
 
         path = _check_model_dir(model_path, "speech encoder")
         self.layer = layer  # which hidden state: -1 the last, 0 the CNN features after projection
         # The feature extractor only normalises the waveform; a folder without one gets the same normalisation.
         has_extractor = (path / "preprocessor_config.json").is_file()
-        self.extractor = AutoFeatureExtractor.from_pretrained(path) if has_extractor else None
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.extractor = load(Wav2Vec2FeatureExtractor, path) if has_extractor else None
+        self.model = load(speech_model_class(path), path).eval()  # concrete classes: no code from the folder
 
     @property
     def dim(self) -> int:
@@ -447,17 +449,19 @@ class Transcriber:
     def __init__(self, model_path: str | os.PathLike, language: str | None = None, max_new_tokens: int = 128):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
+        from preprocessing.hf_loading import load
+
         path = _check_model_dir(model_path, "Whisper")
         self.language = language  # e.g. "en"; None lets a multilingual model detect it
         self.max_new_tokens = max_new_tokens  # per 30 s chunk
         try:
-            self.processor = WhisperProcessor.from_pretrained(path)
+            self.processor = load(WhisperProcessor, path)
         except Exception as exc:
             raise FileNotFoundError(
                 f"Whisper folder {path}: cannot load the processor ({exc}); it needs preprocessor_config.json and "
                 "the tokenizer files (vocab.json, merges.txt, ...) saved with WhisperProcessor.save_pretrained"
             ) from exc
-        self.model = WhisperForConditionalGeneration.from_pretrained(path).eval()
+        self.model = load(WhisperForConditionalGeneration, path).eval()
 
     def to(self, device: Any) -> Transcriber:
         self.model.to(device)

@@ -597,8 +597,9 @@ def _run_ray(pending: list[Source], output: str, params: PreprocessParams, progr
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=True)  # RAY_ADDRESS, when set, picks the cluster
+    from preprocessing import local_ray
+
+    local_ray.init(log_to_driver=True)  # RAY_ADDRESS's cluster, else a loopback-only local instance
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     workers = max(1, min(params.workers, len(pending)))

@@ -30,7 +30,13 @@ if [ "${#built[@]}" -eq 9 ] && have_cmd evaluate; then targets+=("evaluate"); fi
 if [ "${#built[@]}" -eq 9 ] && have_cmd generate; then targets+=("render"); fi
 
 echo "== edtalk demo: dvc repro ${targets[*]}"
+# One MLflow parent run for this invocation: the stage runs DVC starts nest under it (pipelines/pipeline_run.py).
+EDTALK_PARENT_RUN_ID=$(python -m pipelines.pipeline_run start --name "make demo" --targets "${targets[*]}" | tail -n1)
+export EDTALK_PARENT_RUN_ID
+outcome=FAILED
+trap 'python -m pipelines.pipeline_run end "$EDTALK_PARENT_RUN_ID" "$outcome" || true' EXIT
 dvc repro "${targets[@]}"
+outcome=FINISHED
 
 echo
 echo "== done in $(( $(date +%s) - start )) s"
@@ -44,3 +50,4 @@ done
 echo "Ray checkpoints     outputs/ray/"
 echo "DVC                 dvc dag; dvc metrics show; dvc params diff"
 echo "MLflow              mlflow ui --backend-store-uri ${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}   (then open http://127.0.0.1:5000)"
+echo "                    parent run ${EDTALK_PARENT_RUN_ID} holds this invocation's stage runs"

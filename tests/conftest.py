@@ -121,6 +121,9 @@ class TrainedChain:
     autoencoder: dict  # run_stage's metrics of each stage
     mouth_pose: dict
     tracking_uri: str  # the MLflow store holding their runs and registered versions (the chain's own)
+    parent_run_id: str = (
+        ""  # the pipeline-invocation run both stage runs are nested under ($EDTALK_PARENT_RUN_ID)
+    )
 
     @property
     def models(self) -> Path:
@@ -138,10 +141,15 @@ def trained_chain(tiny_data, tmp_path_factory) -> TrainedChain:
     # Its own store only while it trains: the modules' `tracking` stores stay theirs.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        from pipelines import pipeline_run
+
+        parent = pipeline_run.start("trained_chain", TRAIN_PARAMS, "autoencoder mouth_pose")
+        mp.setenv("EDTALK_PARENT_RUN_ID", parent)
         ae = run_stage("autoencoder", TRAIN_PARAMS, train_overrides(tiny_data, out))
         one_worker = train_overrides(tiny_data, out, **{"train.workers": 1})
         mouth_pose = run_stage("mouth_pose", TRAIN_PARAMS, one_worker)
-    return TrainedChain(out, ae, mouth_pose, uri)
+        pipeline_run.main(["end", parent, "FINISHED"])
+    return TrainedChain(out, ae, mouth_pose, uri, parent)
 
 
 def pytest_addoption(parser):

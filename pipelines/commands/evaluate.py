@@ -10,7 +10,7 @@ import click
     "--model",
     "model",
     required=True,
-    help="models/ folder, models/STAGE, or MLflow URI (models:/NAME/VERSION, runs:/ID/path).",
+    help="models/ folder, models/STAGE, or MLflow URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/path).",
 )
 @click.option(
     "--data",
@@ -23,11 +23,16 @@ import click
     "--output", "-o", default="metrics/evaluate.json", show_default=True, help="Metrics JSON to write."
 )
 @click.option("--no-mlflow", is_flag=True, help="Do not log an MLflow run (metrics JSON only).")
+@click.option(
+    "--alias",
+    default=None,
+    help="Point this alias of the scored model's registered name at its version (e.g. candidate).",
+)
 @click.option("--params", "params_path", default="params.yaml", show_default=True, help="Parameter file.")
 @click.option(
     "--set", "overrides", multiple=True, help="Override a parameter: evaluate.KEY=VALUE (repeatable)."
 )
-def evaluate(model, data_dir, output, no_mlflow, params_path, overrides):  # fmt: skip
+def evaluate(model, data_dir, output, no_mlflow, alias, params_path, overrides):  # fmt: skip
     """Self-reenactment and audio-driven generation on held-out segments: PSNR, SSIM, LPIPS, M-LMD, F-LMD,
     Sync confidence, orthogonality and (SynthTalk) the disentanglement matrix."""
     import json
@@ -42,7 +47,7 @@ def evaluate(model, data_dir, output, no_mlflow, params_path, overrides):  # fmt
     try:
         params = EvaluateParams.load(params_path, overrides)
         prep = PreprocessParams.load(params_path, overrides)
-        metrics = run_evaluation(model, data_dir, output, params, prep, log_mlflow=not no_mlflow)
+        metrics = run_evaluation(model, data_dir, output, params, prep, log_mlflow=not no_mlflow, alias=alias)
     except (EvaluateError, GenerateError, ParamsError) as exc:
         raise click.ClickException(str(exc)) from exc
     shown = {k: v for k, v in metrics.items() if not isinstance(v, dict)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from pipelines import signals
+
 SPACE_HELP = {
     "mouth": "audio | identity | VIDEO | IMAGE",
     "pose": "sample | identity | VIDEO | IMAGE",
@@ -17,7 +19,7 @@ SPACE_HELP = {
     "--model",
     "model",
     required=True,
-    help="models/ folder, models/STAGE, or MLflow URI (models:/NAME/VERSION, runs:/ID/path).",
+    help="models/ folder, models/STAGE, or MLflow URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/path).",
 )
 @click.option(
     "--identity", required=True, help="Image with one face (any size); cropped as preprocessing does."
@@ -63,6 +65,7 @@ def generate(model, identity, audio, video, mouth, pose, eye, expression, transc
     from preprocessing.params import ParamsError, PreprocessParams
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signals.terminate_like_interrupt()  # SIGTERM/SIGHUP: the partial output is removed as on Ctrl-C
     try:
         params = GenerateParams.load(params_path, overrides)
         prep = PreprocessParams.load(params_path, overrides)
@@ -91,6 +94,8 @@ def generate(model, identity, audio, video, mouth, pose, eye, expression, transc
         ParamsError,
     ) as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt as exc:
+        signals.exit_terminated(exc)
     click.echo(f"wrote {result['output']} ({result['frames']} frames, {result['seconds']:.2f} s)")
     if result.get("preview"):
         click.echo(f"wrote {result['preview']}")

@@ -32,7 +32,7 @@ from pipelines.train.config import (
     load_train_params,
     semantic_train_params,
 )
-from preprocessing import storage
+from preprocessing import local_ray, storage
 from preprocessing.params import ParamsError, load_section
 
 log = logging.getLogger(__name__)
@@ -124,16 +124,58 @@ def train_mode(nets, frozen: list) -> None:
         nets.discriminator.train()
 
 
-def grid_image(columns: dict, max_rows: int = 4) -> np.ndarray:
-    """{name: (B,3,S,S) in [-1,1]} -> one HxWx3 uint8 image: a row per sample, a column per name."""
+GRID_MIN_SIDE = 128  # grid cells are enlarged (nearest) to at least this side, so their titles stay readable
+
+
+def _title_rows(title: str, names: list[str], widths: list[int]) -> np.ndarray:
+    """White header rows: the grid's title, then each column's name (`_` as spaces, wrapped to the cell width)."""
+    import cv2
+
+    font, scale, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+    line_h = 14
+    char_w = cv2.getTextSize("M", font, scale, thick)[0][0]
+
+    def wrap(text: str, width: int) -> list[str]:
+        per_cell = max(1, (width - 4) // char_w)
+        lines, line = [], ""
+        for word in text.split():
+            if line and len(line) + 1 + len(word) > per_cell:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        return [*lines, line]
+
+    cells = [wrap(n.replace("_", " "), w) for n, w in zip(names, widths, strict=True)]
+    n_lines = (1 if title else 0) + max(len(c) for c in cells)
+    header = np.full((n_lines * line_h + 6, sum(widths), 3), 255, np.uint8)
+    y = line_h
+    if title:
+        cv2.putText(header, title, (4, y - 3), font, scale, (0, 0, 160), thick, cv2.LINE_AA)
+        y += line_h
+    x = 0
+    for lines, w in zip(cells, widths, strict=True):
+        for j, line in enumerate(lines):
+            cv2.putText(header, line, (x + 3, y + j * line_h - 3), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+        x += w
+    return header
+
+
+def grid_image(columns: dict, max_rows: int = 4, title: str = "") -> np.ndarray:
+    """{name: (B,3,S,S) in [-1,1]} -> one HxWx3 uint8 image: a row per sample, a column per name, the column names
+    (which say what was swapped: `a_mouth_on_b`, `mouth_from_audio`) and `title` written above them."""
     import torch
 
     cols = []
     for tensor in columns.values():
         t = tensor[:max_rows].detach().float().clamp(-1, 1).cpu()
         cols.append(((t + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    factor = -(-GRID_MIN_SIDE // cols[0].shape[1])  # cells of one grid share a height (widths may differ)
+    cols = [c.repeat(factor, axis=1).repeat(factor, axis=2) for c in cols]
     rows = [np.concatenate([c[i] for c in cols], axis=1) for i in range(cols[0].shape[0])]
-    return np.concatenate(rows, axis=0)
+    body = np.concatenate(rows, axis=0)
+    header = _title_rows(title, list(columns), [c.shape[2] for c in cols])
+    return np.concatenate([header, body], axis=0)
 
 
 def worker_loop(config: dict) -> None:
@@ -216,7 +258,8 @@ def worker_loop(config: dict) -> None:
             cols = stage.grid(nets, inputs(grid_batch), sp)
         train_mode(nets, frozen)
         if rank == 0 and run_id:
-            lineage.log_image(run_id, grid_image(cols), f"samples/step_{step:06d}.png", uri)
+            image = grid_image(cols, title=f"{stage.name} step {step}")
+            lineage.log_image(run_id, image, f"samples/step_{step:06d}.png", uri)
             lineage.set_tags(run_id, {"samples.columns": " | ".join(cols)}, uri)
 
     def final_export(folder: Path) -> None:
@@ -441,14 +484,17 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
         if info.get("model_version"):
             tags[f"upstream.{name}.model_version"] = info["model_version"]
     tags.update(stat_tags)
+    tags.update(lineage.source_tags(f"edtalk train {stage.name}", git) | lineage.parent_tags(exp_id, uri))
     lineage.set_tags(run_id, tags, uri)
+    dataset = lineage.dataset_entity(data_dir, stage.table, lineage.data_digest(data_dir, hashes[data_dir]))
+    upstream_models = [info.get("model_id", "") for info in upstream.values()]
+    lineage.log_inputs(run_id, uri, [(dataset, {"mlflow.data.context": "training"})], upstream_models)
     lineage.log_params(run_id, {"train": tp.to_dict(), stage.name: stage_params, "model": model_section}, uri)
     if stats_doc is not None:
         lineage.client(uri).log_dict(run_id, stats_doc, "data/_stats.json")
 
     # ---- data
-    if not ray.is_initialized():  # RAY_ADDRESS (if set) picks a cluster; else a local instance
-        ray.init(runtime_env={"env_vars": _worker_env(tp)})
+    local_ray.init(runtime_env={"env_vars": _worker_env(tp)})  # RAY_ADDRESS's cluster, else loopback-only
     splits = data.segment_splits(data_dir)
     train_ids, val_ids, how = data.train_val_ids(splits, tp.val_fraction)
     print(
@@ -569,10 +615,14 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
     lineage.write_lineage(str(local_model), info)
     if remote_model:
         storage.upload(local_model, model_dir)
-    version = lineage.log_model_and_register(run_id, local_model, registered, uri)
+    model_tags = {"stage": stage.name, "git.commit": git["git.commit"]}
+    model_id = lineage.log_logged_model(run_id, exp_id, stage.name, local_model, model_tags, uri)
+    version = lineage.register(run_id, model_id, registered, uri) if registered else None
+    info["model_id"] = model_id  # the next stage logs it as its model input
     if version:
         info["model_version"] = version
-        lineage.write_lineage(model_dir, info)
+    lineage.write_lineage(model_dir, info)
+    lineage.tag_model_hash(model_id, model_dir, uri, registered, version)  # the folder as DVC will hash it
 
     final = dict(result.metrics or {})
     steps = int(final.pop("step", sp.steps))
@@ -590,6 +640,7 @@ def run_stage(stage_name: str, params_path: str | None = "params.yaml", override
         "run_id": run_id,
         "run_name": run_name,
         "model_version": version,
+        "model_id": model_id,
     }
     metrics_uri = storage.join(_abs(tp.metrics_dir), f"{stage.name}.json")
     storage.write_bytes_atomic(metrics_uri, (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
