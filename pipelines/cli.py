@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "train": "pipelines.commands.train:train",
     "evaluate": "pipelines.commands.evaluate:evaluate",
     "generate": "pipelines.commands.generate:generate",
+    "serve": "pipelines.commands.serve:serve",
 }
 
 
