@@ -121,6 +121,7 @@ class Request:
     seed: int | None = None  # overrides params.seed
     temperature: float | None = None  # overrides params.temperature
     preview: bool | None = None  # overrides params.preview
+    fragmented: bool = False  # write a fragmented MP4, playable while it is written (a server streams it)
 
 
 # ----------------------------------------------------------------------------------------------------- the model
@@ -711,7 +712,7 @@ def run(
     preview_path = out.with_name(out.stem + "_preview.mp4") if preview else None
     sample_rate = video_io.SAMPLE_RATE if plan.audio is not None else None
     writer_args = {"sample_rate": sample_rate, "crf": params.crf, "preset": params.x264_preset,
-                   "audio_bitrate": params.audio_bitrate}  # fmt: skip
+                   "audio_bitrate": params.audio_bitrate, "fragmented": req.fragmented}  # fmt: skip
     remove_stale_partials(out)
     writer = video_io.VideoWriter(partial_path(out), size, size, **writer_args)
     previewer = None

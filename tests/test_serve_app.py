@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -189,6 +190,35 @@ def test_full_queue_answers_503(server, media_dir, speech):
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["Retry-After"] == "7" and "busy" in busy.json()["error"]
     assert requests.get(f"{server}/health", timeout=30).json()["pending"] == 0
+
+
+def test_stream_sends_bytes_before_rendering_ends(server, media_dir, tmp_path):
+    """6 s of speech (150 frames, 5 chunks): the fragmented MP4's first bytes come long before the last, and the
+    whole stream is a playable video of every frame."""
+    wave = load_audio(media_dir / "audio" / "SadTalker__RD_Radio34_002.wav")[: 6 * 16000]
+    speech = tmp_path / "six.wav"
+    sf.write(speech, wave, 16000)
+    body = {"identity": ("me.png", (media_dir / "images" / "SadTalker__happy.png").read_bytes()),
+            "audio": ("six.wav", speech.read_bytes())}  # fmt: skip
+    t0 = time.perf_counter()
+    with requests.post(
+        f"{server}/generate/stream", files=body, headers=AUTH, stream=True, timeout=300
+    ) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"] == "video/mp4", resp.text
+        arrivals = [
+            (time.perf_counter() - t0, chunk) for chunk in resp.iter_content(chunk_size=None) if chunk
+        ]
+    first, last = arrivals[0][0], arrivals[-1][0]
+    assert first < 0.7 * last, f"first bytes at {first:.2f} s, last at {last:.2f} s"
+    data = b"".join(c for _, c in arrivals)
+    assert data[4:8] == b"ftyp" and b"moof" in data  # fragmented: header first, then fragments
+    out = tmp_path / "streamed.mp4"
+    out.write_bytes(data)
+    assert len(video_io.decode_frames(out)) == 150
+    bad = requests.post(
+        f"{server}/generate/stream", files={"identity": ("x.png", b"nope")}, headers=AUTH, timeout=60
+    )
+    assert bad.status_code == 422 and "error" in bad.json()  # errors before the first byte stay JSON
 
 
 def test_command_refuses_a_missing_model(tmp_path):

@@ -2,6 +2,7 @@
 
 - `POST /generate` (multipart: `identity` image, `audio` and/or `video`, optional `emotion`, `seed`,
   `transcript`) -> the mp4 (headers X-Frames, X-Frames-SHA256: generate.run's hash of the rendered frames);
+- `POST /generate/stream` (same fields) -> a fragmented mp4 sent as it is rendered (pipelines/serve/stream.py);
 - `GET /health` (no token) and `GET /model` (name, version, training run, data hashes).
 
 Errors are JSON `{"error": "<one line>"}`: 401 without the token, 411/413 for a body without length or over a limit,
@@ -16,11 +17,12 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from pipelines.serve.config import TOKEN_ENV, TOKEN_FILE_ENV, ServeParams
 from pipelines.serve.engine import Engine, ServeError, Upload
+from pipelines.serve.stream import Stream
 
 api = FastAPI(title="edtalk serve", docs_url=None, redoc_url=None, openapi_url=None)
 FILE_FIELDS = ("identity", "audio", "video")
@@ -67,6 +69,29 @@ class EDTalkServer:
 
     @api.post("/generate")
     async def generate(self, request: Request):
+        """The whole mp4 once it is complete (headers X-Frames, X-Frames-SHA256)."""
+
+        async def respond(uploads: dict) -> Response:
+            mp4, summary = await asyncio.to_thread(self.engine.generate, **uploads)
+            headers = {"X-Frames": str(summary["frames"]), "X-Frames-SHA256": summary["frames_sha256"]}
+            return Response(mp4, media_type="video/mp4", headers=headers)
+
+        return await self._admit(request, respond)
+
+    @api.post("/generate/stream")
+    async def generate_stream(self, request: Request):
+        """A fragmented mp4 sent as it is rendered (same form fields)."""
+
+        async def respond(uploads: dict) -> StreamingResponse:
+            stream = await asyncio.to_thread(Stream, self.engine, uploads)
+            stream.start()
+            first = await stream.first()
+            return StreamingResponse(stream.chunks(first), media_type="video/mp4")
+
+        return await self._admit(request, respond)
+
+    async def _admit(self, request: Request, respond):
+        """Token, admission count (503 + Retry-After when full), form -> respond(uploads); ServeError -> JSON."""
         refused = self._refused(request)
         if refused is not None:
             return refused
@@ -75,13 +100,14 @@ class EDTalkServer:
                          **{"Retry-After": str(self.params.retry_after_s)})  # fmt: skip
         self.pending += 1
         try:
-            return await self._generate(request)
+            return await respond(await self._uploads(request))
         except ServeError as exc:
             return error(exc.status, str(exc))
         finally:
-            self.pending -= 1
+            self.pending -= 1  # (a stream counts until its first bytes: the rest is reading a file)
 
-    async def _generate(self, request: Request) -> Response:
+    async def _uploads(self, request: Request) -> dict:
+        """The multipart form -> Engine.request's keyword arguments, with the body-size limit."""
         length = request.headers.get("content-length")
         if length is None:
             raise ServeError(411, "send the body with a Content-Length (no chunked uploads)")
@@ -107,14 +133,9 @@ class EDTalkServer:
         seed = form.get("seed")
         if seed is not None and not str(seed).lstrip("-").isdigit():
             raise ServeError(422, f"seed {seed!r}: not an integer")
-        mp4, summary = await asyncio.to_thread(
-            self.engine.generate,
-            files["identity"],
-            files.get("audio"),
-            files.get("video"),
-            emotion=form.get("emotion") or None,
-            seed=None if seed is None else int(seed),
-            transcript=form.get("transcript") or None,
-        )
-        headers = {"X-Frames": str(summary["frames"]), "X-Frames-SHA256": summary["frames_sha256"]}
-        return Response(mp4, media_type="video/mp4", headers=headers)
+        return {
+            **files,
+            "emotion": form.get("emotion") or None,
+            "seed": None if seed is None else int(seed),
+            "transcript": form.get("transcript") or None,
+        }

@@ -99,40 +99,50 @@ class Engine:
         }
 
     # ------------------------------------------------------------------------------------------ a request
-    def generate(
+    def request(
         self,
+        folder: Path,
         identity: Upload,
         audio: Upload | None = None,
         video: Upload | None = None,
         emotion: str | None = None,
         seed: int | None = None,
         transcript: str | None = None,
-    ) -> tuple[bytes, dict]:
-        """The mp4's bytes and generate.run's summary (frames, frames_sha256, ...)."""
+    ) -> tuple[generate.Request, dict]:
+        """The uploads written under `folder` (names chosen here) and checked against the limits -> the Request for
+        generate.run, and {temporary path: form field} for error messages."""
         if audio is None and video is None:
             raise ServeError(422, "send an audio file (field 'audio') or a driving video (field 'video')")
+        names: dict[str, str] = {}
+        req = generate.Request(
+            identity=self._identity(identity, folder, names), output=str(folder / "out.mp4")
+        )
+        if audio is not None:
+            req.audio = self._write(audio, folder / "audio", names)
+            self._check_length(len(self._load_audio(req.audio)) / video_io.SAMPLE_RATE, "audio")
+        if video is not None:
+            req.video = self._video(video, folder, names)
+        if emotion:
+            req.expression = self._emotion(emotion)
+        if transcript:
+            (folder / "transcript.txt").write_text(transcript, encoding="utf-8")
+            req.transcript = str(folder / "transcript.txt")
+        req.seed = seed
+        return req, names
+
+    def run(self, req: generate.Request, names: dict) -> dict:
+        """generate.run, one request at a time; a bad input -> ServeError 422 naming the form field."""
+        with self.lock:
+            try:
+                return generate.run(req, self.net, self.gen, self.prep, self.identities)
+            except input_errors() as exc:
+                raise ServeError(422, _named(str(exc), names)) from exc
+
+    def generate(self, **uploads) -> tuple[bytes, dict]:
+        """The whole mp4's bytes and generate.run's summary (frames, frames_sha256, ...)."""
         with tempfile.TemporaryDirectory(prefix="edtalk-serve-") as tmp:
-            folder = Path(tmp)
-            names = {}  # temporary path -> the field it came from, for error messages
-            req = generate.Request(
-                identity=self._identity(identity, folder, names), output=str(folder / "out.mp4")
-            )
-            if audio is not None:
-                req.audio = self._write(audio, folder / "audio", names)
-                self._check_length(len(self._load_audio(req.audio)) / video_io.SAMPLE_RATE, "audio")
-            if video is not None:
-                req.video = self._video(video, folder, names)
-            if emotion:
-                req.expression = self._emotion(emotion)
-            if transcript:
-                (folder / "transcript.txt").write_text(transcript, encoding="utf-8")
-                req.transcript = str(folder / "transcript.txt")
-            req.seed = seed
-            with self.lock:
-                try:
-                    summary = generate.run(req, self.net, self.gen, self.prep, self.identities)
-                except input_errors() as exc:
-                    raise ServeError(422, _named(str(exc), names)) from exc
+            req, names = self.request(Path(tmp), **uploads)
+            summary = self.run(req, names)
             return Path(req.output).read_bytes(), summary
 
     def _identity(self, up: Upload, folder: Path, names: dict) -> str:
