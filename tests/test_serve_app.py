@@ -1,6 +1,7 @@
 """`edtalk serve` on real Ray Serve (loopback): a served video equals `edtalk generate`'s for the same inputs and
 seed; concurrent requests with distinct identities are not mixed up; bad inputs, limits, the token and a full
-queue give the documented status codes with one-line JSON errors. One app for the whole module (start-up is slow)."""
+queue give the documented status codes with one-line JSON errors; the stream arrives while it is rendered; the page
+works in a headless browser. One app for the whole module (start-up is slow)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,9 @@ GEN = GenerateParams(threads=1)
 LIMITS = ServeParams(max_seconds=8.0, max_image_pixels=1_000_000, max_upload_bytes=2_000_000, max_pending=2,
                      retry_after_s=7, identity_cache=4)  # fmt: skip
 TOKEN = "s3cret-test-token"
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]  # fmt: skip
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -219,6 +224,52 @@ def test_stream_sends_bytes_before_rendering_ends(server, media_dir, tmp_path):
         f"{server}/generate/stream", files={"identity": ("x.png", b"nope")}, headers=AUTH, timeout=60
     )
     assert bad.status_code == 422 and "error" in bad.json()  # errors before the first byte stay JSON
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian chromium not installed (/usr/bin/chromium; the CI install adds it)"
+)
+def test_page_uploads_plays_downloads_and_shows_errors(server, media_dir, speech, tmp_path):
+    """The page at / in a real headless Chromium (Debian's, via Playwright): upload a portrait and speech with the
+    token, the video plays and downloads; a bad upload shows the server's error."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server + "/")  # the static page needs no token; its requests send the one typed in
+            page.fill("#token", TOKEN)
+            page.set_input_files("#identity", str(media_dir / "images" / "SadTalker__happy.png"))
+            page.set_input_files("#audio", str(speech))
+            page.click("#go")
+            page.wait_for_selector("#download:not([hidden])", timeout=120_000)
+            assert "38 frames" in page.text_content("#status")
+            # the browser decodes and plays it: metadata loaded, 1.5 s long, time advances
+            duration = page.eval_on_selector(
+                "#result",
+                "v => new Promise(ok => v.readyState >= 1 ? ok(v.duration) : v.addEventListener('loadedmetadata', () => ok(v.duration)))",
+            )
+            assert abs(duration - 1.52) < 0.1, duration
+            played = page.eval_on_selector(
+                "#result",
+                "v => { v.muted = true; return v.play().then(() => new Promise(ok => setTimeout(() => ok(v.currentTime), 500))) }",
+            )
+            assert played > 0.1, played
+            with page.expect_download() as download:
+                page.click("#download")
+            saved = tmp_path / "downloaded.mp4"
+            download.value.save_as(saved)
+            assert saved.read_bytes()[4:8] == b"ftyp"
+            # a file that is not an image: the server's one-line message appears on the page
+            bad = tmp_path / "not-an-image.png"
+            bad.write_bytes(b"hello")
+            page.set_input_files("#identity", str(bad))
+            page.click("#go")
+            page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=60_000)
+            assert page.text_content("#error").startswith("422: identity: not a readable image")
+        finally:
+            browser.close()
 
 
 def test_command_refuses_a_missing_model(tmp_path):

@@ -3,7 +3,7 @@
 - `POST /generate` (multipart: `identity` image, `audio` and/or `video`, optional `emotion`, `seed`,
   `transcript`) -> the mp4 (headers X-Frames, X-Frames-SHA256: generate.run's hash of the rendered frames);
 - `POST /generate/stream` (same fields) -> a fragmented mp4 sent as it is rendered (pipelines/serve/stream.py);
-- `GET /health` (no token) and `GET /model` (name, version, training run, data hashes).
+- `GET /` a page to try it (page.html), `GET /health` (neither needs the token) and `GET /model` (name, version, training run, data hashes).
 
 Errors are JSON `{"error": "<one line>"}`: 401 without the token, 411/413 for a body without length or over a limit,
 422 for an input generate refuses (the CLI's message, naming the form field), 503 + Retry-After when the replica has
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from pipelines.serve.config import TOKEN_ENV, TOKEN_FILE_ENV, ServeParams
@@ -25,6 +25,7 @@ from pipelines.serve.engine import Engine, ServeError, Upload
 from pipelines.serve.stream import Stream
 
 api = FastAPI(title="edtalk serve", docs_url=None, redoc_url=None, openapi_url=None)
+PAGE = Path(__file__).with_name("page.html")
 FILE_FIELDS = ("identity", "audio", "video")
 TEXT_FIELDS = ("emotion", "seed", "transcript")
 
@@ -58,6 +59,11 @@ class EDTalkServer:
             return None
         return error(401, "missing or wrong bearer token; send 'Authorization: Bearer TOKEN'",
                      **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    @api.get("/")
+    def page(self) -> HTMLResponse:
+        """The try-it page (static: no model data, so no token; it sends the token it is given with its requests)."""
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @api.get("/health")
     def health(self) -> dict:
