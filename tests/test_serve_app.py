@@ -272,6 +272,10 @@ def test_page_uploads_plays_downloads_and_shows_errors(server, media_dir, speech
             browser.close()
 
 
-def test_command_refuses_a_missing_model(tmp_path):
+def test_command_refuses_a_missing_model_or_token_file(tiny_model, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / "nope")])
     assert result.exit_code != 0 and "does not exist" in result.output
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.setenv("EDTALK_SERVE_TOKEN_FILE", str(tmp_path / "no-token"))
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_model)])
+    assert result.exit_code != 0 and "no-token" in result.output

@@ -25,7 +25,8 @@ from pipelines import signals
     help="Override a parameter: serve.KEY=VALUE, generate.KEY=VALUE (repeatable).",
 )
 def serve(model, host, port, params_path, overrides):
-    """Serve MODEL: POST /generate (identity image + audio -> mp4), GET /model, GET /health.
+    """Serve MODEL: POST /generate (identity image + audio -> mp4), POST /generate/stream (the same, sent as it is
+    rendered), GET /model (version and lineage), GET /health, and a page to try it at /.
 
     Local Ray on loopback unless RAY_ADDRESS names a cluster. A bearer token, when $EDTALK_SERVE_TOKEN or the file
     $EDTALK_SERVE_TOKEN_FILE holds one, guards every route but /health. Runs until Ctrl-C / SIGTERM.
@@ -35,6 +36,7 @@ def serve(model, host, port, params_path, overrides):
 
     from pipelines import model_uri
     from pipelines.generate import GenerateError, GenerateParams, resolve_model_dir
+    from pipelines.serve.app import read_token
     from pipelines.serve.config import ServeParams
     from pipelines.serve.start import start, stop
     from preprocessing.params import ParamsError, PreprocessParams
@@ -45,9 +47,10 @@ def serve(model, host, port, params_path, overrides):
         gen = GenerateParams.load(params_path, overrides)
         prep = PreprocessParams.load(params_path, overrides)
         params = ServeParams.load(params_path, overrides)
+        read_token()  # an unreadable token file: one line now, not a replica's traceback
         if not model_uri.is_uri(model):
             resolve_model_dir(model)  # a missing or empty folder: one line now, not a replica's traceback
-    except (GenerateError, ParamsError) as exc:
+    except (GenerateError, ParamsError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         url = start(model, gen, prep, params, host, port)

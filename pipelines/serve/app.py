@@ -67,7 +67,10 @@ class EDTalkServer:
 
     @api.get("/health")
     def health(self) -> dict:
-        return {"status": "ok", "pending": self.pending}
+        import psutil  # a Ray dependency
+
+        rss = psutil.Process().memory_info().rss
+        return {"status": "ok", "pending": self.pending, "rss_mb": round(rss / 2**20, 1)}
 
     @api.get("/model")
     def model(self, request: Request):
