@@ -113,8 +113,9 @@ def test_generate_equals_cli(server, tiny_model, media_dir, speech, tmp_path):
     assert resp.headers["X-Frames-SHA256"] == ref["frames_sha256"]
     frames, ref_frames = video_io.decode_frames(got), video_io.decode_frames(ref["output"])
     assert frames.shape == ref_frames.shape == (38, 64, 64, 3)  # 1.5 s at 25 fps
-    # the rendered frames are bit-equal (hash above); x264 may pick other encoding decisions in the replica's
-    # process (its thread count follows the CPUs Ray gives it), so the decoded frames are equal within coding noise
+    # the rendered frames are bit-equal (hash above); the H.264 stream is not: video_io's x264 output varies from run
+    # to run even in one process with one encoder thread (measured: decoded frames of two in-process runs of the same
+    # request differ by 0.04 on average, 0.16 against a run in a Ray worker), so decoded frames agree within that
     assert np.abs(frames.astype(int) - ref_frames).mean() < 1.0
     audio, ref_audio = video_io.decode_audio(got), video_io.decode_audio(ref["output"])
     assert np.allclose(audio, ref_audio, atol=1e-4)
