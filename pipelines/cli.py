@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "pipelines.commands.evaluate:evaluate",
     "generate": "pipelines.commands.generate:generate",
     "import": "pipelines.commands.import_cmd:import_checkpoint",
+    "serve": "pipelines.commands.serve:serve",
 }
 
 

@@ -121,6 +121,7 @@ class Request:
     seed: int | None = None  # overrides params.seed
     temperature: float | None = None  # overrides params.temperature
     preview: bool | None = None  # overrides params.preview
+    fragmented: bool = False  # write a fragmented MP4, playable while it is written (a server streams it)
 
 
 # ----------------------------------------------------------------------------------------------------- the model
@@ -744,9 +745,26 @@ def render_batched(model, ident, weights: dict[str, torch.Tensor], batch: int) -
     )
 
 
-def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | None = None) -> dict:
-    """Generate `req.output`; `model` is a loaded EDTalk or a folder / MLflow URI. Returns a summary with the
-    frame count, duration and the time spent per phase (decode, drive, render, encode+mux)."""
+def encode_identity(path: str, cropper: FaceCropper, renderer, size: int, device, cache=None):
+    """The identity image -> (its face crop, its encoded Identity). `cache` (a mapping keyed by the file's sha256,
+    e.g. a server's per-model cache) returns an image seen before without detecting or encoding it again."""
+    key = hashlib.sha256(Path(path).read_bytes()).hexdigest() if cache is not None else None
+    if key is not None and key in cache:
+        return cache[key]
+    crop = cropper.identity(read_identity(path), path, size)
+    with torch.no_grad():
+        found = crop, renderer.encode_identity(to_tensor(crop[None], device))
+    if key is not None:
+        cache[key] = found
+    return found
+
+
+def run(
+    req: Request, model, params: GenerateParams, prep: PreprocessParams | None = None, identities=None
+) -> dict:
+    """Generate `req.output`; `model` is a loaded EDTalk or a folder / MLflow URI; `identities`: an identity cache
+    (see encode_identity). Returns a summary with the frame count, duration and the time spent per phase (decode,
+    drive, render, encode+mux)."""
     from tqdm import tqdm
 
     from preprocessing.audio import load_audio
@@ -762,24 +780,23 @@ def run(req: Request, model, params: GenerateParams, prep: PreprocessParams | No
     device = next(model.parameters()).device
     size = model_size(model)
     cropper = FaceCropper(prep)
-    identity_crop = cropper.identity(read_identity(req.identity), req.identity, size)
+    # The fast path computes the same frames as model.render (within float rounding, bench/model.py), and the
+    # same identity and driving weights as model.encode_identity / model.extract.
+    renderer = model.fast_renderer() if params.fast_render and device.type == "cpu" else model
+    identity_crop, ident = encode_identity(req.identity, cropper, renderer, size, device, identities)
     plan = plan_sources(req, model, load_audio, params.max_seconds)
     log.info(
         "generating %d frames (%.2f s): %s", plan.num_frames, plan.num_frames / video_io.FPS, plan.describe()
     )
     timers = {"load": 0.0, "decode": 0.0, "drive": 0.0, "render": 0.0, "encode_mux": 0.0}
-    # The fast path computes the same frames as model.render (within float rounding, bench/model.py), and the
-    # same identity and driving weights as model.encode_identity / model.extract.
-    renderer = model.fast_renderer() if params.fast_render and device.type == "cpu" else model
     with torch.no_grad():
         drivers = Drivers(model, plan, req, params, cropper, size, device, extract=renderer.extract)
-        ident = renderer.encode_identity(to_tensor(identity_crop[None], device))
     timers["load"] = time.perf_counter() - t_start
     preview = params.preview if req.preview is None else req.preview
     preview_path = out.with_name(out.stem + "_preview.mp4") if preview else None
     sample_rate = video_io.SAMPLE_RATE if plan.audio is not None else None
     writer_args = {"sample_rate": sample_rate, "crf": params.crf, "preset": params.x264_preset,
-                   "audio_bitrate": params.audio_bitrate}  # fmt: skip
+                   "audio_bitrate": params.audio_bitrate, "fragmented": req.fragmented}  # fmt: skip
     remove_stale_partials(out)
     writer = video_io.VideoWriter(partial_path(out), size, size, **writer_args)
     previewer = None

@@ -37,6 +37,13 @@ def is_video(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
+FRAGMENTED = {
+    "movflags": "empty_moov+default_base_moof+frag_keyframe",
+    "frag_duration": "1000000",
+    "flush_packets": "1",
+}
+
+
 class VideoWriter:
     """Writes an mp4 (H.264 video at 25 fps, optional AAC audio) frame chunk by frame chunk.
 
@@ -55,13 +62,16 @@ class VideoWriter:
         preset: str = "veryfast",
         audio_bitrate: int = 128_000,
         fps: int = FPS,
+        fragmented: bool = False,
     ):
         if width % 2 or height % 2:
             raise MediaError(f"{path}: H.264 (yuv420p) needs even frame sides, got {width}x{height}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, fps
-        self.container = av.open(str(path), mode="w")
+        # fragmented: a fragmented MP4 (moov first, then a fragment per second, each flushed to the file as it is
+        # muxed), playable while it is written (`edtalk serve`'s streaming route)
+        self.container = av.open(str(path), mode="w", options=FRAGMENTED if fragmented else {})
         self.video = self.container.add_stream("libx264", rate=fps)
         self.video.width, self.video.height = width, height
         self.video.pix_fmt = "yuv420p"

@@ -39,12 +39,17 @@ def rendered() -> dict[str, list[dict]]:
     return out
 
 
+RAY_KINDS = ("RayCluster", "RayJob", "RayService")
+SERVE_ONLY_ENV = {"EDTALK_SERVE_TOKEN_FILE"}  # the RayService's replicas read the bearer token from this file
+
+
 def ray_docs(rendered) -> list[tuple[str, dict]]:
-    return [(f, d) for f, docs in rendered.items() for d in docs if d.get("kind") in ("RayCluster", "RayJob")]
+    return [(f, d) for f, docs in rendered.items() for d in docs if d.get("kind") in RAY_KINDS]
 
 
 def cluster_spec(doc: dict) -> dict:
-    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    key = {"RayCluster": None, "RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}[doc["kind"]]
+    return doc["spec"] if key is None else doc["spec"][key]
 
 
 def containers(spec: dict) -> list[tuple[str, dict]]:
@@ -64,6 +69,7 @@ def test_templates_exist_and_render(rendered):
         "k8s/ray/rayjob-stage.yaml",
         "k8s/ray/rayjob-pipeline.yaml",
         "k8s/ray/rayjob-preprocess.yaml",
+        "k8s/ray/rayservice-serve.yaml",
         "k8s/mlflow/postgres.yaml",
         "k8s/mlflow/mlflow.yaml",
         "ray/aws-cluster.yaml",
@@ -110,7 +116,7 @@ def test_ray_versions_agree():
 
 def test_ray_clusters_have_head_gpu_workers_and_autoscaling_bounds(rendered):
     docs = ray_docs(rendered)
-    assert {d["kind"] for _, d in docs} == {"RayCluster", "RayJob"}
+    assert {d["kind"] for _, d in docs} == set(RAY_KINDS)
     for f, d in docs:
         spec = cluster_spec(d)
         assert spec["rayVersion"] == VALUES["RAY_VERSION"], f
@@ -150,7 +156,11 @@ def test_images_and_environment_agree_across_manifests(rendered):
         for group, c in containers(cluster_spec(d)):
             gpu = "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
             assert c["image"] == f"{base}-{'cuda' if gpu else 'cpu'}", f"{f}/{group}: image {c['image']}"
-            envs.append((f"{f}/{group}", c["env"]))
+            env = c["env"]
+            if d["kind"] == "RayService":  # the shared environment plus the token file
+                assert {e["name"] for e in env} >= SERVE_ONLY_ENV, f"{f}/{group}: no {SERVE_ONLY_ENV}"
+                env = [e for e in env if e["name"] not in SERVE_ONLY_ENV]
+            envs.append((f"{f}/{group}", env))
     first_name, first_env = envs[0]
     for name, env in envs[1:]:
         assert env == first_env, f"{name}: environment differs from {first_name}"
@@ -186,6 +196,30 @@ def test_mlflow_deployment_provides_what_the_start_script_requires(rendered):
     provided = {e["name"] for e in server["env"]}
     assert required and required <= provided, f"mlflow.yaml lacks {sorted(required - provided)}"
     assert "MLFLOW_S3_ENDPOINT_URL" in provided and "AWS_SECRET_ACCESS_KEY" in provided
+
+
+def test_rayservice_runs_the_serve_app_with_valid_args(rendered):
+    """serveConfigV2 names the app builder that exists, with args it accepts and overrides params.yaml knows; the
+    token file the replicas are told about is where the Secret is mounted."""
+    from ray.serve import Application
+
+    from pipelines.serve.config import TOKEN_FILE_ENV
+    from pipelines.serve.start import build
+
+    (doc,) = rendered["k8s/ray/rayservice-serve.yaml"]
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    module, attr = app["import_path"].split(":")
+    assert getattr(importlib.import_module(module), attr) is build and app["route_prefix"] == "/"
+    check_set_overrides(app["args"]["set"], "rayservice serveConfigV2")
+    assert app["args"]["model"] == VALUES["SERVE_MODEL"] and app["args"]["model"].startswith("models:/")
+    args = {**app["args"], "params": str(REPO / app["args"]["params"])}
+    assert isinstance(build(args), Application)  # binds only: the model loads in the replicas
+    with pytest.raises(ValueError, match="model"):
+        build({"params": args["params"]})
+    for group, c in containers(cluster_spec(doc)):
+        (token,) = [e["value"] for e in c["env"] if e["name"] == TOKEN_FILE_ENV]
+        mounts = [m["mountPath"] for m in c["volumeMounts"]]
+        assert any(token.startswith(m.rstrip("/") + "/") for m in mounts), f"{group}: {token} is not mounted"
 
 
 # ------------------------------------------------------------------------------------------- commands
