@@ -51,18 +51,21 @@ def import_checkpoint(checkpoint, output, audio2lip, expressions, kind, register
 
 
 def register_import(folder: str, meta: dict, name: str, experiment: str) -> str | None:
-    """One MLflow run for the import: the source files' names and SHA-256 as tags, the folder as its model
-    artifact, registered as a new version of `name` ($MLFLOW_TRACKING_URI or the project's store)."""
+    """One MLflow run for the import: the source files' names and SHA-256 as tags, the folder as its MLflow
+    logged model, registered as a new version of `name` ($MLFLOW_TRACKING_URI or the project's store)."""
     from pipelines import lineage
 
     uri = lineage.tracking_uri()
-    run = lineage.client(uri).create_run(lineage.experiment_id(experiment, uri), run_name=f"import-{name}")
+    exp_id = lineage.experiment_id(experiment, uri)
+    run = lineage.client(uri).create_run(exp_id, run_name=f"import-{name}")
     run_id = run.info.run_id
     tags = {"import.licence": meta["licence"]}
     for src in meta["imported_from"]:
         tags[f"import.{src['kind']}.file"] = src["file"]
         tags[f"import.{src['kind']}.sha256"] = src["sha256"]
     lineage.set_tags(run_id, tags, uri)
-    version = lineage.log_model_and_register(run_id, folder, name, uri)
+    model_id = lineage.log_logged_model(run_id, exp_id, name, folder, tags, uri)
+    version = lineage.register(run_id, model_id, name, uri)
+    lineage.tag_model_hash(model_id, folder, uri, name, version)
     lineage.end_run(run_id, uri)
     return version
