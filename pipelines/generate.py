@@ -31,6 +31,7 @@ import torch
 
 from pipelines import video_io
 from pipelines.video_io import SAMPLES_PER_FRAME
+from preprocessing.local_ray import process_alive
 from preprocessing.params import ParamsError, PreprocessParams, build, load_section
 
 log = logging.getLogger(__name__)
@@ -536,18 +537,8 @@ def remove_stale_partials(out: Path) -> None:
     """Partial files of `out` left by runs that were killed outright (SIGKILL) and whose process is gone."""
     for stale in out.parent.glob(f".{out.name}{PARTIAL}*{OUTPUT_SUFFIX}"):
         pid = stale.name[len(f".{out.name}{PARTIAL}") : -len(OUTPUT_SUFFIX)]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             stale.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------------------------ the loop

@@ -50,7 +50,7 @@ def _with_scratch(runtime_env: dict | None) -> dict:
     SIGKILLed is removed by the next one."""
     for stale in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
         pid = stale.name[len(SCRATCH_PREFIX) :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
     atexit.register(_end, scratch)
@@ -67,7 +67,8 @@ def _end(scratch: str) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still exists (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -88,3 +88,18 @@ def check_map(npz: str, name: str, fmap: torch.Tensor, ref: dict[str, np.ndarray
         flat = fmap[0].flatten(1).double()
         check(npz, f"{name}_chmean", flat.mean(1), ref[f"{name}_chmean"])
         check(npz, f"{name}_chstd", flat.std(1), ref[f"{name}_chstd"])
+
+
+def import_model(tmp: Path, name: str, kind: str, *extra: str):
+    """Regenerate `kind`'s released file as tmp/NAME.pt, import it with the command into tmp/NAME, load it."""
+    from edtalk import EDTalk
+
+    out = tmp / name
+    result = run_import(write_pt(tmp / f"{name}.pt", kind), "--output", out, *extra)
+    assert result.exit_code == 0, result.output
+    return EDTalk.from_pretrained(out).eval()
+
+
+def image_inputs() -> dict[str, torch.Tensor]:
+    """The fixture's image inputs as tensors (the uint8 decoded pixels left out)."""
+    return {k: torch.from_numpy(v) for k, v in fixture("inputs_images.npz").items() if "uint8" not in k}

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from reference_kit import REF, check, fixture, run_import, write_pt
+from reference_kit import REF, check, fixture, image_inputs, import_model
 
 from edtalk.fast import FastRenderer
 from edtalk.model import EDTalk
@@ -23,22 +23,15 @@ _FLOOR = json.loads((REF / "tolerances.json").read_text())["noise_floor_and_reco
 EDTALK_FLOOR = _FLOOR["edtalk_video_real.npz"]["output"]  # float64 vs float32 of the same EDTalk.pt network
 
 
-def _import(tmp, kind: str) -> EDTalk:
-    out = tmp / kind
-    result = run_import(write_pt(tmp / f"{kind}.pt", kind), "--output", out)
-    assert result.exit_code == 0, result.output
-    return EDTalk.from_pretrained(out).eval()
-
-
 @pytest.fixture(scope="module")
 def inputs():
-    return {k: torch.from_numpy(v) for k, v in fixture("inputs_images.npz").items() if "uint8" not in k}
+    return image_inputs()
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref_fast")
-    return {kind: _import(tmp, kind) for kind in ("edtalk", "lip_pose", "lia")}
+    return {kind: import_model(tmp, kind, kind) for kind in ("edtalk", "lip_pose", "lia")}
 
 
 def _drive(model: EDTalk, inputs, source: str, drivers: dict[str, str]):

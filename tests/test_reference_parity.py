@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference_kit import check, check_map, fixture, run_import, write_pt
+from reference_kit import check, check_map, fixture, image_inputs, import_model, write_pt
 
 from edtalk.model import EDTalk
 from edtalk.reference import audio as ref_audio
@@ -17,17 +17,9 @@ SCALES = (8, 16, 32, 64, 128, 256)
 WAV = "SadTalker__RD_Radio34_002.wav"
 
 
-def _import(tmp, name: str, kind: str, *extra: str) -> EDTalk:
-    ckpt = write_pt(tmp / f"{name}.pt", kind)
-    out = tmp / name
-    result = run_import(ckpt, "--output", out, *extra)
-    assert result.exit_code == 0, result.output
-    return EDTalk.from_pretrained(out).eval()
-
-
 @pytest.fixture(scope="module")
 def inputs():
-    return {k: torch.from_numpy(v) for k, v in fixture("inputs_images.npz").items() if "uint8" not in k}
+    return image_inputs()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def edtalk(tmp_path_factory):
     for name, arr in fixture("predefined_exp_weights.npz").items():
         np.save(presets / f"{name}.npy", arr)
     a2l = write_pt(tmp / "Audio2Lip.pt", "audio2lip")
-    return _import(tmp, "EDTalk", "edtalk", "--audio2lip", str(a2l), "--expressions", str(presets))
+    return import_model(tmp, "EDTalk", "edtalk", "--audio2lip", str(a2l), "--expressions", str(presets))
 
 
 class Probe:
@@ -201,7 +193,7 @@ def test_audio_driven(edtalk, inputs):
 
 
 def test_lip_pose(tmp_path_factory, inputs):
-    model = _import(tmp_path_factory.mktemp("ref_lip_pose"), "EDTalk_lip_pose", "lip_pose")
+    model = import_model(tmp_path_factory.mktemp("ref_lip_pose"), "EDTalk_lip_pose", "lip_pose")
     assert model.navigation.spaces == ("mouth", "pose") and model.eem is None
     npz, ref = "lip_pose.npz", fixture("lip_pose.npz")
     q = model.navigation.bases()
@@ -227,7 +219,7 @@ def test_lip_pose(tmp_path_factory, inputs):
 
 
 def test_lia_absolute_and_relative(tmp_path_factory, inputs):
-    model = _import(tmp_path_factory.mktemp("ref_lia"), "vox", "lia")
+    model = import_model(tmp_path_factory.mktemp("ref_lia"), "vox", "lia")
     npz, ref = "lia_vox.npz", fixture("lia_vox.npz")
     s1, s2, s3 = inputs["smooth_1"], inputs["smooth_2"], inputs["smooth_3"]
     check(npz, "bases_Q", model.lia.bases(), ref["bases_Q"])
